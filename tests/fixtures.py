@@ -1,0 +1,92 @@
+"""Tiny offline models, tokenizers and text for the tests (nothing is downloaded).
+
+`make_tiny_tokenizer(dir)` trains a small word-level tokenizer on generated English-like text and saves it;
+`make_tiny_causal_lm(arch, dir)` builds a random Llama / Qwen2 / Qwen3 / Mistral with small dims,
+saves it with `save_pretrained` (plus the tokenizer) and returns the directory.
+`write_text(path, n_words)` writes deterministic pseudo-English text.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a model layer weight quantized rotation hessian error column token sequence input output "
+         "matrix grid scale zero block group order update cholesky inverse calibration language small large "
+         "fast slow data text of to and in is on for with as by at from that this it be are was were").split()
+
+
+def pseudo_text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    out, line = [], []
+    for i in range(n_words):
+        line.append(rng.choice(WORDS))
+        if len(line) >= rng.randint(6, 14):
+            out.append(" ".join(line).capitalize() + ".")
+            line = []
+    if line:
+        out.append(" ".join(line) + ".")
+    return "\n".join(out) + "\n"
+
+
+def write_text(path: str | Path, n_words: int = 20000, seed: int = 0) -> Path:
+    path = Path(path)
+    path.write_text(pseudo_text(n_words, seed))
+    return path
+
+
+def make_tiny_tokenizer(directory: str | Path):
+    """A byte-level BPE tokenizer (vocab about 300) trained on pseudo_text, saved into `directory`.
+
+    Byte-level BPE is what Llama-3/Qwen/Mistral checkpoints ship, so every family's tokenizer class
+    rebuilds it faithfully from vocab + merges.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(pseudo_text(5000, seed=123).splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    """Config of a 2-layer model of family `arch` (llama, qwen2, qwen3, mistral) with small dims."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
+    if arch == "qwen3":
+        common.setdefault("head_dim", 16)
+    return cls(**common)
+
+
+def make_tiny_causal_lm(arch: str, directory: str | Path, seed: int = 0, **overrides) -> Path:
+    """Random tiny causal LM of family `arch` with non-trivial norm weights, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tiny_tokenizer(directory)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-unit norm scales exercise norm fusion
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            else:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(str(directory))
+    return directory
