@@ -1,0 +1,40 @@
+"""Weight grids: per-channel or per-group uniform grids, with optional MSE clip search.
+
+A row x of W (or a group of its columns) gets the grid of `common.grid` on [min(x, 0), max(x, 0)].
+With MSE clip search the range is shrunk by p = 1 - i/100, i = 0..79, and each row keeps the p with the
+least sum |Q(x) - x|^2.4 (the GPTQ/QuaRot convention).
+"""
+from __future__ import annotations
+
+import torch
+
+from .grid import check_bits, fake_quantize, grid_params
+
+__all__ = ["fit_grid", "MSE_NORM", "MSE_STEPS", "MSE_MAXSHRINK"]
+
+MSE_NORM = 2.4
+MSE_STEPS = 100
+MSE_MAXSHRINK = 0.8
+
+
+@torch.no_grad()
+def fit_grid(x: torch.Tensor, bits: int, sym: bool = False, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of shape [rows, 1] for the 2-D tensor x (rows are output channels)."""
+    check_bits(bits, "weight bits")
+    x = x.float()
+    zero_t = torch.zeros((), dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.amin(dim=1, keepdim=True), zero_t)
+    xmax = torch.maximum(x.amax(dim=1, keepdim=True), zero_t)
+    scale, zero = grid_params(xmin, xmax, bits, sym)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(MSE_MAXSHRINK * MSE_STEPS)):
+        p = 1.0 - i / MSE_STEPS
+        s, z = grid_params(p * xmin, p * xmax, bits, sym)
+        err = (fake_quantize(x, s, z, bits) - x).abs_().pow_(MSE_NORM).sum(dim=1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
