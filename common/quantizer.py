@@ -18,16 +18,27 @@ MSE_MAXSHRINK = 0.8
 
 
 @torch.no_grad()
-def fit_grid(x: torch.Tensor, bits: int, sym: bool = False, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) of shape [rows, 1] for the 2-D tensor x (rows are output channels)."""
+def fit_grid(x: torch.Tensor, bits: int, sym: bool = False, mse: bool = False,
+             scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of shape [rows, 1] for the 2-D tensor x (rows are output channels).
+
+    scale_dtype (e.g. torch.float16) rounds the chosen scales to what a checkpoint stores, so that the
+    fake-quantized weights equal what an inference kernel dequantizes.
+    """
     check_bits(bits, "weight bits")
     x = x.float()
     zero_t = torch.zeros((), dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.amin(dim=1, keepdim=True), zero_t)
     xmax = torch.maximum(x.amax(dim=1, keepdim=True), zero_t)
     scale, zero = grid_params(xmin, xmax, bits, sym)
-    if not mse:
-        return scale, zero
+    if mse:
+        scale, zero = _mse_search(x, xmin, xmax, scale, zero, bits, sym)
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).to(x.dtype)
+    return scale, zero
+
+
+def _mse_search(x, xmin, xmax, scale, zero, bits, sym):
     best = torch.full_like(scale, float("inf"))
     for i in range(int(MSE_MAXSHRINK * MSE_STEPS)):
         p = 1.0 - i / MSE_STEPS

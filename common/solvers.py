@@ -149,7 +149,8 @@ def _processing_order(H: torch.Tensor, act_order: bool, order: str) -> torch.Ten
 
 def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None, *, bits: int, sym: bool,
            mse: bool, group_size: int, act_order: bool, static_groups: bool, percdamp: float, blocksize: int,
-           order: str, alpha: float, exact: bool) -> QuantResult:
+           order: str, alpha: float, exact: bool,
+           scale_dtype: torch.dtype | None = None) -> QuantResult:
     """Shared body of gptq / gptaq (P form or exact)."""
     dev = W.device
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -175,7 +176,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     ngroups = 1 if group_size == -1 else cols // group_size
     static = None
     if quantize and group_size != -1 and static_groups:
-        static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse) for g in range(ngroups)]
+        static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse, scale_dtype) for g in range(ngroups)]
 
     perm = _processing_order(H, act_order, order)
     W = W[:, perm]
@@ -199,7 +200,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
             for g, (s_g, z_g) in enumerate(static):
                 scales[:, g:g + 1], zeros[:, g:g + 1] = s_g, z_g
         elif group_size == -1:
-            scales[:], zeros[:] = fit_grid(W, bits, sym, mse)
+            scales[:], zeros[:] = fit_grid(W, bits, sym, mse, scale_dtype)
     g_list = g_pos.tolist() if quantize else None
 
     # Per column the update is one GEMM with inner dimension 2 for both methods:
@@ -224,7 +225,8 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
             if quantize:
                 g = g_list[j]
                 if static is None and group_size != -1 and j % group_size == 0:
-                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W1[:, i:i + group_size], bits, sym, mse)
+                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W1[:, i:i + group_size], bits, sym, mse,
+                                                                               scale_dtype)
                 s_g, z_g = scales[:, g], zeros[:, g]
                 torch.mul(s_g, torch.clamp(torch.round(w / s_g) + z_g, 0, maxq) - z_g, out=q)
             else:
@@ -257,25 +259,29 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False,
                   group_size: int = -1, act_order: bool = False, static_groups: bool = False,
                   percdamp: float = 0.01, blocksize: int = 128, order: str = "forward",
-                  name: str = "layer") -> QuantResult:
-    """GPTQ with codes, scales, zeros and g_idx for export.  See `gptq`."""
+                  name: str = "layer", scale_dtype: torch.dtype | None = None) -> QuantResult:
+    """GPTQ with codes, scales, zeros and g_idx for export.  See `gptq`.
+
+    scale_dtype=torch.float16 rounds every scale to float16 when it is chosen, as a GPTQ checkpoint stores it.
+    """
     _check_inputs(name, W, H, None, bits, group_size, percdamp, blocksize, order)
     with torch.no_grad():
         return _solve(name, W, H, None, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                       static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                      alpha=0.0, exact=False)
+                      alpha=0.0, exact=False, scale_dtype=scale_dtype)
 
 
 def gptaq_quantize(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float = 0.25,
                    exact: bool = False, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
                    act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-                   blocksize: int = 128, order: str = "forward", name: str = "layer") -> QuantResult:
-    """GPTAQ with codes, scales, zeros and g_idx for export.  See `gptaq`."""
+                   blocksize: int = 128, order: str = "forward", name: str = "layer",
+                   scale_dtype: torch.dtype | None = None) -> QuantResult:
+    """GPTAQ with codes, scales, zeros and g_idx for export.  See `gptaq` and `gptq_quantize`."""
     _check_inputs(name, W, H, dXXT, bits, group_size, percdamp, blocksize, order, alpha)
     with torch.no_grad():
         return _solve(name, W, H, dXXT, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                       static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                      alpha=alpha, exact=exact)
+                      alpha=alpha, exact=exact, scale_dtype=scale_dtype)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False,
@@ -308,7 +314,7 @@ def gptaq(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float 
 
 
 def rtn_quantize(W: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
-                 name: str = "layer") -> QuantResult:
+                 name: str = "layer", scale_dtype: torch.dtype | None = None) -> QuantResult:
     """Round-to-nearest on the same grids (per channel or per group of consecutive columns)."""
     _check_inputs(name, W, None, None, bits, group_size, 0.0, 1, "forward")
     with torch.no_grad():
@@ -317,7 +323,7 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = F
         gs = cols if group_size == -1 else group_size
         scales, zeros, codes = [], [], []
         for g0 in range(0, cols, gs):
-            s, z = fit_grid(Wf[:, g0:g0 + gs], bits, sym, mse)
+            s, z = fit_grid(Wf[:, g0:g0 + gs], bits, sym, mse, scale_dtype)
             codes.append(quantize_codes(Wf[:, g0:g0 + gs], s, z, bits))
             scales.append(s)
             zeros.append(z)
