@@ -347,3 +347,27 @@ def test_error_paths_name_layer_and_value(caplog):
     assert torch.isfinite(Q).all() and "lowrank" in caplog.text
     with pytest.raises(SolverError, match=r"dXXT must be \[64, 64\]"):
         gptaq(W, H, dXXT[:10], bits=4)
+
+
+def test_capture_inputs_hooks_accumulate_symmetric_and_asymmetric():
+    from torch import nn
+
+    from common.hessian import capture_inputs
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    xs = [torch.randn(2, 5, 16) for _ in range(3)]
+    fp = [x + 0.1 * torch.randn_like(x) for x in xs]
+    with capture_inputs({"lin": lin}) as stats:
+        for x in xs:
+            lin(x)
+    flat = torch.cat([x.reshape(-1, 16) for x in xs]).double()
+    assert torch.allclose(stats["lin"].H.double(), 2 / flat.shape[0] * flat.T @ flat, atol=1e-5)
+    cap = capture_inputs({"lin": lin}, asymmetric=True)
+    cap.fp_inputs["lin"] = fp
+    with cap as stats:
+        for x in xs:
+            lin(x)
+    flat_fp = torch.cat([x.reshape(-1, 16) for x in fp]).double()
+    assert torch.allclose(stats["lin"].dXXT.double(), 2 / flat.shape[0] * (flat_fp - flat).T @ flat, atol=1e-5)
+    assert not lin._forward_hooks  # hooks removed on exit
