@@ -1,0 +1,195 @@
+"""QuaRot / SpinQuant rotations folded into a decoder LLM (Llama, Qwen2, Qwen3, Mistral in transformers 5).
+
+Norm fusion: RMSNorm(x) W^T = (x / rms(x)) (W diag(g))^T, so g moves into every linear reading the norm.  Then with
+the residual stream x -> x R1 (rms is rotation invariant) and values per head v -> v R2: embedding E R1, input-side
+weights (q, k, v, gate, up, lm_head) W R1, output-side weights (o, down) R1^T W and biases R1^T b, v_proj rows per
+head R2^T W_v (bias R2^T b_v), o_proj columns per head W_o R2.  R4: down_proj gets W H^T and an online x -> x H^T.
+The network function is unchanged in exact arithmetic; outliers are spread before quantization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .act_quant import ActQuantLinear
+from .hadamard import OnlineHadamard, hadamard_transform, random_hadamard_matrix, random_orthogonal_matrix
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ROTATION_MODES", "check_supported", "untie_word_embeddings", "fuse_norms",
+           "rotate_model", "install_online_hadamards", "quarot_rotate"]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+ROTATION_MODES = ("hadamard", "random")
+CONFIG_KEY = "gptaq_rotation"
+ORTHO_TOL = 1e-3  # max |R R^T - I| entry accepted for R1 / R2
+_CHUNK = 4096  # rows per float64 chunk, bounds the temporary memory for big embeddings / lm_heads
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError unless `model` is one of SUPPORTED_ARCHITECTURES."""
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"rotation: unsupported model class {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    return module.linear if isinstance(module, ActQuantLinear) else module
+
+
+def _layers(model: nn.Module):
+    return model.model.layers
+
+
+def _text_configs(model: nn.Module) -> list:
+    cfgs = [model.config]
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfgs if text is model.config else cfgs + [text]
+
+
+@torch.no_grad()
+def _transform_rows(W: torch.Tensor, fn) -> None:
+    """W[rows] <- fn(W[rows] in float64), in place, chunk by chunk (W may be a transposed view)."""
+    for s in range(0, W.shape[0], _CHUNK):
+        W[s:s + _CHUNK] = fn(W[s:s + _CHUNK].to(torch.float64)).to(W.dtype)
+
+
+def _right(W: torch.Tensor, R: torch.Tensor) -> None:
+    """W <- W R (input side: rows of W are indexed by outputs, columns by the rotated input)."""
+    R = R.to(device=W.device, dtype=torch.float64)
+    _transform_rows(W, lambda w: w @ R)
+
+
+def _left_t(W: torch.Tensor, R: torch.Tensor) -> None:
+    """W <- R^T W (output side), computed as (W^T R)^T on column chunks."""
+    _right(W.T, R)
+
+
+def untie_word_embeddings(model: nn.Module) -> bool:
+    """Give lm_head its own copy of the embedding if they share storage; returns whether it did.  The config is
+    updated (tie_word_embeddings=False) so save_pretrained / from_pretrained keep them apart."""
+    emb, head = model.get_input_embeddings(), _linear(model.get_output_embeddings())
+    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    if tied:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    for cfg in _text_configs(model):
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return tied
+
+
+@torch.no_grad()
+def _fuse(norm: nn.Module, readers: list[nn.Module]) -> None:
+    g = norm.weight.detach().to(torch.float64)
+    for r in readers:
+        W = _linear(r).weight.data
+        W.copy_((W.to(torch.float64) * g.to(W.device)).to(W.dtype))
+    norm.weight.data.fill_(1.0)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module) -> None:
+    """Fold every RMSNorm scale into the linears reading it (input_layernorm -> q, k, v; post_attention_layernorm ->
+    gate, up; final norm -> lm_head) and set the scales to 1.  Unties tied embeddings first.  Idempotent."""
+    check_supported(model)
+    untie_word_embeddings(model)
+    for layer in _layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        _fuse(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fuse(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    _fuse(model.model.norm, [model.get_output_embeddings()])
+
+
+def _check_rotation(R: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if not isinstance(R, torch.Tensor) or R.shape != (n, n):
+        shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
+        raise ValueError(f"rotate_model: {what} must be a [{n}, {n}] tensor, got {shape}")
+    R = R.detach().to(device="cpu", dtype=torch.float64)
+    err = (R @ R.T - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    if err > ORTHO_TOL:
+        raise ValueError(f"rotate_model: {what} is not orthogonal (max |R R^T - I| = {err:.2e} > {ORTHO_TOL})")
+    return R
+
+
+def _head_dim(model: nn.Module) -> int:
+    return _layers(model)[0].self_attn.head_dim
+
+
+@torch.no_grad()
+def install_online_hadamards(model: nn.Module, fp32_had: bool = False) -> None:
+    """Put the online R4 (x -> x H^T) in front of every down_proj, wrapping it in ActQuantLinear if needed.
+
+    Touches no weight: use it to rebuild a model whose saved down_proj weights already hold the folded H^T.
+    """
+    check_supported(model)
+    for layer in _layers(model):
+        mlp = layer.mlp
+        transform = OnlineHadamard(_linear(mlp.down_proj).in_features, fp32_had=fp32_had)
+        if isinstance(mlp.down_proj, ActQuantLinear):
+            mlp.down_proj.pre_transform = transform
+        else:
+            mlp.down_proj = ActQuantLinear(mlp.down_proj, pre_transform=transform)
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, R1: torch.Tensor, R2: torch.Tensor | list[torch.Tensor] | None, *,
+                 online_r4: bool = True, fp32_had: bool = False, mode: str = "custom", seed: int | None = None,
+                 progress: bool = False) -> None:
+    """Fuse norms, then fold R1 (residual stream), R2 (value heads; one for all layers, one per layer, or None)
+    and, with online_r4, the down_proj Hadamard into `model` in place (float64 math, cast back).
+
+    mode / seed only go into model.config.gptaq_rotation = {mode, seed, online_r4, fp32_had}.
+    """
+    check_supported(model)
+    if getattr(model.config, CONFIG_KEY, None):
+        raise ValueError(f"rotate_model: the model is already rotated ({getattr(model.config, CONFIG_KEY)})")
+    layers = _layers(model)
+    hidden, head_dim = model.config.hidden_size, _head_dim(model)
+    R1 = _check_rotation(R1, hidden, "R1")
+    if R2 is None or isinstance(R2, torch.Tensor):
+        R2s = [R2] * len(layers)
+    else:
+        R2s = list(R2)
+        if len(R2s) != len(layers):
+            raise ValueError(f"rotate_model: R2 list has {len(R2s)} matrices for {len(layers)} layers")
+    R2s = [None if r is None else _check_rotation(r, head_dim, f"R2[{i}]") for i, r in enumerate(R2s)]
+
+    fuse_norms(model)
+    emb = model.get_input_embeddings()
+    _right(emb.weight.data, R1)
+    _right(_linear(model.get_output_embeddings()).weight.data, R1)
+    for i, layer in enumerate(tqdm(layers, desc="rotate", disable=not progress)):
+        attn, mlp = layer.self_attn, layer.mlp
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _right(_linear(m).weight.data, R1)
+        for m in (attn.o_proj, mlp.down_proj):
+            lin = _linear(m)
+            _left_t(lin.weight.data, R1)
+            if lin.bias is not None:
+                _left_t(lin.bias.data[:, None], R1)
+        if R2s[i] is not None:
+            R2 = R2s[i]
+            v, o = _linear(attn.v_proj), _linear(attn.o_proj)
+            _right(v.weight.data.view(-1, head_dim, v.in_features).transpose(1, 2), R2)  # per head R2^T W_i
+            if v.bias is not None:
+                _right(v.bias.data.view(-1, head_dim), R2)
+            _right(o.weight.data.view(-1, head_dim), R2)  # o columns per head: W_o,i R2
+        if online_r4:
+            _transform_rows(_linear(mlp.down_proj).weight.data, hadamard_transform)  # W H^T
+    if online_r4:
+        install_online_hadamards(model, fp32_had=fp32_had)
+    setattr(model.config, CONFIG_KEY, {"mode": mode, "seed": seed, "online_r4": online_r4, "fp32_had": fp32_had})
+
+
+def quarot_rotate(model: nn.Module, mode: str = "hadamard", seed: int = 0, fp32_had: bool = False,
+                  progress: bool = False) -> None:
+    """QuaRot: R1 and one shared R2 drawn from `seed` (random Hadamard, or random orthogonal with mode "random"),
+    folded by rotate_model with the online R4."""
+    check_supported(model)
+    if mode not in ROTATION_MODES:
+        raise ValueError(f"rotation mode must be one of {ROTATION_MODES}, got {mode!r}")
+    make = random_hadamard_matrix if mode == "hadamard" else random_orthogonal_matrix
+    R1 = make(model.config.hidden_size, seed)
+    R2 = make(_head_dim(model), seed + 1)
+    rotate_model(model, R1, R2, online_r4=True, fp32_had=fp32_had, mode=mode, seed=seed, progress=progress)
