@@ -1,0 +1,189 @@
+"""Calibration and evaluation token windows (the GPTQ/QuaRot data pipeline).
+
+Calibration: `nsamples` windows x_k = t[i_k : i_k + seqlen] of the tokenized train text t, offsets
+i_k ~ U{0, ..., |t| - seqlen - 1} drawn with `random.Random(seed)` (C4: a random document longer than seqlen,
+then a random window of it). Evaluation: the test text cut into floor(|t| / seqlen) non-overlapping windows
+(C4: 256 random validation windows drawn with seed 0, as GPTQ did).
+
+Datasets: the hub names in `DATASETS` (need the Hugging Face Hub or its cache), or a local `.txt` file,
+`.jsonl` file (field "text"), `.parquet` file (column "text") or a directory `datasets.load_dataset` reads
+(split "train" for calibration, "test" then "validation" for evaluation; a single-split directory serves both).
+A local file is used whole for whichever role it is given: to keep evaluation held out, pass different files
+to calibration and evaluation (e.g. `assets/pydoc/cal.txt` and `assets/pydoc/eval.txt`).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+__all__ = ["DATASETS", "FILE_TYPES", "check_dataset_arg", "load_documents", "tokenize_text",
+           "get_calibration_data", "get_eval_data"]
+
+DATASETS = ("wikitext2", "c4", "ptb")
+FILE_TYPES = (".txt", ".jsonl", ".parquet")
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+C4_EVAL_WINDOWS = 256
+C4_EVAL_SEED = 0
+
+
+def _valid_choices() -> str:
+    return (f"a dataset name ({', '.join(DATASETS)}), a local file ({', '.join(FILE_TYPES)}; .jsonl/.parquet "
+            f"with a 'text' field) or a local dataset directory")
+
+
+def check_dataset_arg(value: str, flag: str = "--dataset") -> str:
+    """Cheap validation of a dataset argument (name, or existing file with an accepted extension, or directory)."""
+    if value in DATASETS:
+        return value
+    path = Path(value)
+    if path.is_dir():
+        return value
+    if path.is_file():
+        if path.suffix.lower() not in FILE_TYPES:
+            raise ValueError(f"{flag}: file '{value}' has extension '{path.suffix}'; accepted: {', '.join(FILE_TYPES)}")
+        return value
+    raise ValueError(f"{flag}: '{value}' is neither a known dataset nor an existing path; expected {_valid_choices()}")
+
+
+def _hub(what: str, *args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # offline: ConnectionError / LocalEntryNotFoundError / DatasetNotFoundError ...
+        raise RuntimeError(f"could not load dataset '{what}' from the Hugging Face Hub or its cache "
+                           f"({type(e).__name__}: {e}). Without internet pass a local .txt/.jsonl/.parquet file "
+                           f"instead (see scripts/get_assets.sh).") from e
+
+
+def _column(ds, field: str, where: str) -> list[str]:
+    if field not in ds.column_names:
+        raise ValueError(f"{where}: no '{field}' column (columns: {ds.column_names})")
+    return list(ds[field])
+
+
+def _local_documents(path: Path, split: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        import datasets
+
+        dsd = datasets.load_dataset(str(path))
+        order = ["train"] if split == "train" else ["test", "validation"]
+        names = [s for s in order if s in dsd] or (list(dsd) if len(dsd) == 1 else [])
+        if not names:
+            raise ValueError(f"dataset directory '{path}' has splits {list(dsd)}; expected "
+                             f"{' or '.join(order)} (or a single split)")
+        return _column(dsd[names[0]], "text", f"dataset directory '{path}' split '{names[0]}'")
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+                docs.append(row["text"])
+        return docs
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
+        return [t for t in table.column("text").to_pylist() if t is not None]
+    raise ValueError(f"'{path}': unsupported file type '{path.suffix}'; accepted: {', '.join(FILE_TYPES)}")
+
+
+def load_documents(name_or_path: str, split: str) -> list[str]:
+    """The documents of `split` ("train" or "test"; c4 reads its validation shard for "test")."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got '{split}'")
+    if name_or_path == "wikitext2":
+        return _column(_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split=split), "text", "wikitext2")
+    if name_or_path == "ptb":
+        return _column(_hub("ptb", "ptb_text_only", "penn_treebank", split=split), "sentence", "ptb")
+    if name_or_path == "c4":
+        shard = C4_FILES["train" if split == "train" else "validation"]
+        return _column(_hub("c4", "allenai/c4", data_files={split: shard}, split=split), "text", "c4")
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ValueError(f"unknown dataset '{name_or_path}': expected {_valid_choices()}")
+    return _local_documents(path, split)
+
+
+def _joiner(name_or_path: str) -> str:
+    return " " if name_or_path == "ptb" else "\n\n"
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [1, n] of one long text (no length warning; special tokens as the tokenizer adds them)."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    return ids.long()
+
+
+def _too_short(name_or_path: str, have: int, need: int) -> ValueError:
+    return ValueError(f"dataset '{name_or_path}' has {have} tokens, but {need} are needed "
+                      f"(seqlen + 1 for calibration windows, seqlen for one evaluation window); use a longer "
+                      f"text or a smaller seqlen")
+
+
+def _check_sizes(nsamples: int | None, seqlen: int) -> None:
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
+    if nsamples is not None and nsamples < 1:
+        raise ValueError(f"nsamples must be >= 1, got {nsamples}")
+
+
+def _random_document_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random,
+                             name: str) -> list[torch.Tensor]:
+    """GPTQ's C4 sampling: a random document longer than seqlen tokens, then a random window of it."""
+    out = []
+    for _ in range(n):
+        for _attempt in range(100 * len(docs)):
+            ids = tokenize_text(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+            if ids.shape[1] > seqlen:
+                break
+        else:
+            raise ValueError(f"dataset '{name}': found no document longer than seqlen={seqlen} tokens")
+        i = rng.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[:, i:i + seqlen])
+    return out
+
+
+def get_calibration_data(name_or_path: str, tokenizer, nsamples: int, seqlen: int,
+                         seed: int = 0) -> list[torch.Tensor]:
+    """`nsamples` random LongTensor windows [1, seqlen] of the train text (see the module docstring)."""
+    _check_sizes(nsamples, seqlen)
+    docs = load_documents(name_or_path, "train")
+    rng = random.Random(seed)
+    if name_or_path == "c4":
+        return _random_document_windows(docs, tokenizer, nsamples, seqlen, rng, name_or_path)
+    ids = tokenize_text(tokenizer, _joiner(name_or_path).join(docs))
+    if ids.shape[1] < seqlen + 1:
+        raise _too_short(name_or_path, ids.shape[1], seqlen + 1)
+    out = []
+    for _ in range(nsamples):
+        i = rng.randint(0, ids.shape[1] - seqlen - 1)
+        out.append(ids[:, i:i + seqlen].clone())
+    return out
+
+
+def get_eval_data(name_or_path: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """Evaluation windows LongTensor [nwindows, seqlen]: non-overlapping windows of the test text, tail dropped
+    (c4: 256 random validation windows, seed 0)."""
+    _check_sizes(None, seqlen)
+    docs = load_documents(name_or_path, "test")
+    if name_or_path == "c4":
+        rng = random.Random(C4_EVAL_SEED)
+        return torch.cat(_random_document_windows(docs, tokenizer, C4_EVAL_WINDOWS, seqlen, rng, name_or_path))
+    ids = tokenize_text(tokenizer, _joiner(name_or_path).join(docs))
+    n = ids.shape[1] // seqlen
+    if n == 0:
+        raise _too_short(name_or_path, ids.shape[1], seqlen)
+    return ids[0, :n * seqlen].reshape(n, seqlen).clone()

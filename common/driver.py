@@ -1,0 +1,250 @@
+"""Block-by-block post-training quantization driver (GPTQ, GPTAQ, RTN), shared by the LLM and ViT front ends.
+
+Block l is quantized on the stream X~_l of the already-quantized blocks 0..l-1.  For each group of its linears
+(solved in order, earlier groups already quantized) the driver accumulates H = (2/N) X~ X~^T and, for GPTAQ,
+dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precision block run on the
+full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
+GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import solvers
+from .act_quant import ActQuantLinear, set_act_quant
+from .hessian import HessianAccumulator
+
+__all__ = ["WeightQuantConfig", "quantize_blocks", "METHODS"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("gptq", "gptaq", "rtn", "none")
+
+
+@dataclass
+class WeightQuantConfig:
+    """How the driver quantizes each linear's weight (bits 16 or method "none": weights untouched)."""
+
+    method: str = "gptq"          # "gptq" | "gptaq" | "rtn" | "none"
+    bits: int = 16
+    sym: bool = False
+    mse: bool = False             # MSE clip search of the grid (--w_clip)
+    group_size: int = -1
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    alpha: float = 0.25           # GPTAQ
+    exact: bool = False           # GPTAQ exact variant
+    order: str = "forward"        # or "reverse" (Babai)
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"weight quantization method must be one of {METHODS}, got {self.method!r}")
+        if self.order not in ("forward", "reverse"):
+            raise ValueError(f"order must be 'forward' or 'reverse', got {self.order!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none" and self.bits < 16
+
+    @property
+    def needs_data(self) -> bool:
+        return self.active and self.method in ("gptq", "gptaq")
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every linear of the group has shown its input: the rest of the block is skipped."""
+
+
+def _weight_module(module: nn.Module) -> nn.Module:
+    """The module whose input is exactly what the weight sees (the inner linear of an ActQuantLinear)."""
+    return module.linear if isinstance(module, ActQuantLinear) else module
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    for t in list(block.parameters()) + list(block.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class _GroupRecorder:
+    """Forward pre-hooks on a group's linears: pass each input to `sink(name, x)`; stop the block's forward once
+    every linear of the group has been called (each linear is assumed to run once per block forward)."""
+
+    def __init__(self, block: nn.Module, names: list[str], sink: Callable[[str, torch.Tensor], None]):
+        self.names, self.sink, self.seen = names, sink, set()
+        self.handles = [_weight_module(block.get_submodule(n)).register_forward_pre_hook(self._hook(n))
+                        for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            self.sink(name, args[0])
+            self.seen.add(name)
+            if len(self.seen) == len(self.names):
+                raise _StopForward
+        return hook
+
+    def run(self, run_block: Callable, block: nn.Module, x: torch.Tensor) -> None:
+        self.seen = set()
+        try:
+            run_block(block, x)
+        except _StopForward:
+            pass
+        missing = set(self.names) - self.seen
+        if missing:
+            raise RuntimeError(f"linears {sorted(missing)} were not called by the block's forward; "
+                               "check sublayer_groups")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _to(x: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if device.type == "cpu":
+        x = x.to("cpu")
+        return x.pin_memory() if pin and not x.is_pinned() else x
+    return x.to(device, non_blocking=True)
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric):
+    """H (and dXXT) of every linear in `names`, over all batches."""
+    stats: dict[str, HessianAccumulator] = {}
+    for n in names:
+        stats[n] = HessianAccumulator(_weight_module(block.get_submodule(n)).weight.shape[1], device, asymmetric)
+    fp_seen: dict[str, torch.Tensor] = {}
+
+    def fp_sink(name, x):
+        fp_seen[name] = x
+
+    def q_sink(name, x):
+        stats[name].add(x, fp_seen.pop(name) if asymmetric else None)
+
+    q_rec = _GroupRecorder(block, names, q_sink)
+    fp_rec = _GroupRecorder(fp_block, names, fp_sink) if asymmetric else None
+    try:
+        for b in range(len(xq)):
+            if asymmetric:
+                fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
+            q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
+    finally:
+        q_rec.remove()
+        if fp_rec is not None:
+            fp_rec.remove()
+    return stats
+
+
+def _solve(name: str, W: torch.Tensor, acc: HessianAccumulator | None, cfg: WeightQuantConfig) -> solvers.QuantResult:
+    kw = dict(bits=cfg.bits, sym=cfg.sym, mse=cfg.mse, group_size=cfg.group_size, name=name)
+    if cfg.method == "rtn":
+        return solvers.rtn_quantize(W, **kw)
+    kw.update(act_order=cfg.act_order, static_groups=cfg.static_groups, percdamp=cfg.percdamp,
+              blocksize=cfg.blocksize, order=cfg.order)
+    if cfg.method == "gptaq":
+        return solvers.gptaq_quantize(W, acc.H, acc.dXXT, alpha=cfg.alpha, exact=cfg.exact, **kw)
+    return solvers.gptq_quantize(W, acc.H, **kw)
+
+
+def quantize_blocks(
+    blocks: Sequence[nn.Module],
+    inputs: list[torch.Tensor],
+    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    sublayer_groups: Callable[[nn.Module], list[list[str]]],
+    cfg: WeightQuantConfig,
+    prepare_block: Callable[[nn.Module], None] | None = None,
+    device: torch.device | str = "cpu",
+    offload_inputs: bool = False,
+    desc: str = "blocks",
+    on_quantized: Callable[[int, str, solvers.QuantResult], None] | None = None,
+) -> list[dict]:
+    """Quantize `blocks` in place, one at a time on `device` (each goes back to its original device afterwards).
+
+    inputs: the calibration inputs of blocks[0], one tensor per batch (may be empty for RTN / method "none").
+    run_block(block, x): one block's forward (closing over masks, position embeddings...); a tuple output's first
+    element is taken as the hidden states.  sublayer_groups(block): the names of its linears, grouped, in solve
+    order.  prepare_block(block): wraps the linears in ActQuantLinear / sets activation quantizers (before capture).
+    offload_inputs: keep both streams on CPU (pinned with CUDA) between blocks instead of on `device`.
+    on_quantized(block_index, name, QuantResult): optional callback per solved linear (e.g. for export).
+    Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
+    "seconds"}; proxy losses are from `common.solvers.proxy_loss` (none for RTN, which runs no calibration).
+    """
+    device = torch.device(device)
+    stream_device = torch.device("cpu") if offload_inputs else device
+    pin = offload_inputs and device.type == "cuda"
+    asymmetric = cfg.method == "gptaq" and cfg.active
+    needs_data = cfg.needs_data
+    if needs_data and not inputs:
+        raise ValueError(f"{cfg.method} needs calibration inputs, got none")
+    xq = [_to(x, stream_device, pin) for x in inputs] if needs_data else []
+    xfp = [x for x in xq] if asymmetric else []  # same tensors until the first block replaces them
+    records: list[dict] = []
+
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
+        home = _block_device(block)
+        block.to(device)
+        if prepare_block is not None:
+            prepare_block(block)
+        if not cfg.active:
+            block.to(home)
+            continue
+        set_act_quant(block, asymmetric)
+        fp_block = None
+        if asymmetric:
+            fp_block = copy.deepcopy(block)
+            set_act_quant(fp_block, False)
+        block_records = []
+        for group in sublayer_groups(block):
+            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric) \
+                if needs_data else {}
+            for name in group:
+                t0 = time.time()
+                lin = _weight_module(block.get_submodule(name))
+                W = lin.weight.data
+                acc = stats.get(name)
+                res = _solve(f"{desc}.{i}.{name}", W.float(), acc, cfg)
+                rec = {"block": i, "name": name, "method": cfg.method, "bits": cfg.bits, "shape": list(W.shape)}
+                if acc is not None:
+                    rec["tokens"] = acc.nsamples
+                    rec.update(solvers.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
+                W.copy_(res.weight.to(W.dtype))
+                rec["seconds"] = round(time.time() - t0, 4)
+                block_records.append(rec)
+                if on_quantized is not None:
+                    on_quantized(i, name, res)
+            del stats
+        with torch.no_grad():
+            for b in range(len(xq)):
+                xq[b] = _to(_output(run_block(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
+                if asymmetric:
+                    xfp[b] = _to(_output(run_block(fp_block, xfp[b].to(device, non_blocking=True))),
+                                 stream_device, pin)
+        del fp_block
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        records.extend(block_records)
+        log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
+    return records
+
+
+def _fmt(rec: dict) -> str:
+    if "loss" not in rec:
+        return f"{rec['name']} done"
+    s = f"{rec['name']} loss={rec['loss']:.4g}"
+    if "asym_loss" in rec:
+        s += f" asym={rec['asym_loss']:.4g}"
+    return s

@@ -1,0 +1,269 @@
+"""Command line of fake_quant/main.py (QuaRot / GPTQv2 flag names) and its validation.
+
+Everything that can be checked without the weights is checked here, before any model loads: flag values,
+paths, dataset names, and (from config.json only) the architecture and that group sizes divide the layer widths.
+Each problem is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+__all__ = ["parse_args", "build_parser", "validate_model_config", "method_name", "run_name"]
+
+QUANT_FILE = "gptaq_quant.json"
+DEFAULT_TASKS = ["piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single line (no usage dump) on stderr, exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bits(value: str) -> int:
+    try:
+        bits = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 2..8 or 16, got {value!r}") from None
+    if not (2 <= bits <= 8 or bits == 16):
+        raise argparse.ArgumentTypeError(f"expected an integer in 2..8 or 16 (16 = not quantized), got {bits}")
+    return bits
+
+
+def _groupsize(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected -1 (no groups) or a positive integer, got {value!r}") from None
+    if size != -1 and size <= 0:
+        raise argparse.ArgumentTypeError(f"expected -1 (no groups) or a positive integer, got {size}")
+    return size
+
+
+def _ratio(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0.0 < r <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {r}")
+    return r
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _nonneg_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not x >= 0.0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="fake_quant/main.py", description=(
+        "QuaRot rotation + GPTQ / GPTAQ (GPTQv2) / RTN weight quantization with per-token activation and KV-cache "
+        "fake quantization of decoder LLMs (Llama, Qwen2/2.5, Qwen3, Mistral); WikiText-2 perplexity and "
+        "lm-eval zero-shot tasks."))
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="hub id or local directory (AutoModelForCausalLM); optional with "
+                                    "--load_qmodel_path")
+    g.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weights and activations dtype (default float16; with --load_qmodel_path: the saved dtype)")
+    g.add_argument("--device", default=None, help="device for the layer being processed and for evaluation "
+                                                  "(default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and torch")
+    g.add_argument("--distribute", action="store_true",
+                   help="spread the model over all visible GPUs (accelerate device_map) for evaluation; "
+                        "no-op with a warning on CPU or with a single GPU")
+
+    g = p.add_argument_group("weights")
+    g.add_argument("--w_bits", type=_bits, default=16, help="weight bits (2..8, 16 = not quantized)")
+    g.add_argument("--w_groupsize", type=_groupsize, default=-1, help="weight group size (-1: per channel)")
+    g.add_argument("--w_asym", action="store_true", help="asymmetric weight grid (default symmetric)")
+    g.add_argument("--w_clip", action="store_true", help="MSE search of the weight clipping range")
+    g.add_argument("--w_rtn", action="store_true", help="round-to-nearest instead of GPTQ")
+    g.add_argument("--percdamp", type=_nonneg_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    g.add_argument("--act_order", action="store_true", help="GPTQ: process columns by descending diag(H)")
+    g.add_argument("--static_groups", action="store_true",
+                   help="GPTQ: all group grids from the unquantized weights (needs --w_groupsize)")
+    g.add_argument("--gptaq", "--use_v2", dest="gptaq", action="store_true",
+                   help="GPTAQ (GPTQv2): fit Q X~ to the full-precision output W X")
+    g.add_argument("--alpha", type=_nonneg_float, default=0.25, help="GPTAQ: weight of the asymmetric term")
+    g.add_argument("--gptaq_exact", action="store_true",
+                   help="GPTAQ: exact greedy on the least-squares target instead of the published P form")
+    g.add_argument("--order", choices=["forward", "reverse"], default="forward",
+                   help="column processing order (reverse = Babai's nearest plane)")
+
+    g = p.add_argument_group("activations and KV cache")
+    g.add_argument("--a_bits", type=_bits, default=16, help="input activation bits of every decoder linear")
+    g.add_argument("--a_groupsize", type=_groupsize, default=-1, help="activation group size (-1: per token)")
+    g.add_argument("--a_asym", action="store_true", help="asymmetric activation grid")
+    g.add_argument("--a_clip_ratio", type=_ratio, default=1.0, help="activation clip ratio (QuaRot uses 0.9)")
+    g.add_argument("--int8_down_proj", action="store_true", help="down_proj inputs at 8 bits")
+    for kv in ("k", "v"):
+        name = "key" if kv == "k" else "value"
+        g.add_argument(f"--{kv}_bits", type=_bits, default=16, help=f"{name} cache bits")
+        g.add_argument(f"--{kv}_groupsize", type=_groupsize, default=-1,
+                       help=f"{name} group size (-1: one group per head; must divide head_dim)")
+        g.add_argument(f"--{kv}_asym", action="store_true", help=f"asymmetric {name} grid")
+        g.add_argument(f"--{kv}_clip_ratio", type=_ratio, default=1.0, help=f"{name} clip ratio")
+    g.add_argument("--k_pre_rope", action="store_true", help="quantize keys before RoPE (R3 is then not applied)")
+
+    g = p.add_argument_group("rotation")
+    g.add_argument("--rotate", action="store_true", help="QuaRot: fuse norms, fold R1/R2, online R3/R4 Hadamards")
+    g.add_argument("--rotate_mode", choices=["hadamard", "random"], default="hadamard",
+                   help="R1/R2: random Hadamard or random orthogonal")
+    g.add_argument("--rotation_seed", type=int, default=0, help="seed of R1/R2")
+    g.add_argument("--fp32_had", action="store_true", help="online Hadamards in float32")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--nsamples", type=_positive, default=128, help="calibration sequences")
+    g.add_argument("--seqlen", type=_positive, default=2048, help="calibration / evaluation sequence length")
+    g.add_argument("--cal_dataset", default="wikitext2", help="calibration data: a dataset name or a local file")
+    g.add_argument("--eval_dataset", default="wikitext2", help="perplexity data: a dataset name or a local file")
+    g.add_argument("--bsz", type=_positive, default=1, help="batch size of calibration forwards and perplexity")
+    g.add_argument("--offload_inputs", action="store_true",
+                   help="keep the calibration streams on CPU between layers (saves GPU memory)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--lm_eval", action="store_true", help="run lm-eval zero-shot tasks")
+    g.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="lm-eval task names")
+    g.add_argument("--lm_eval_batch_size", type=_positive, default=32, help="lm-eval batch size")
+    g.add_argument("--lm_eval_include_path", default=None,
+                   help="directory of custom lm-eval task YAMLs (e.g. tasks over local files, for offline use)")
+    g.add_argument("--lm_eval_limit", type=_positive, default=None, help="lm-eval: at most this many examples per task")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default=None, help="where results.json goes (default outputs/fake_quant/<run>)")
+    g.add_argument("--save_qmodel_path", default=None,
+                   help="save the fake-quantized model (weights, config, rotation/quantization settings) here")
+    g.add_argument("--load_qmodel_path", default=None,
+                   help="evaluate a model saved with --save_qmodel_path without re-quantizing "
+                        "(quantization flags come from the saved settings)")
+    return p
+
+
+def method_name(args: argparse.Namespace) -> str:
+    if args.w_bits == 16:
+        return "none"
+    if args.w_rtn:
+        return "rtn"
+    if args.gptaq:
+        return "gptaq_exact" if args.gptaq_exact else "gptaq"
+    return "gptq"
+
+
+def run_name(args: argparse.Namespace) -> str:
+    src = args.load_qmodel_path or args.model
+    base = os.path.basename(os.path.normpath(os.path.expanduser(src)))
+    kv = f"kv{args.k_bits}" if args.k_bits == args.v_bits else f"k{args.k_bits}v{args.v_bits}"
+    name = f"{base}_w{args.w_bits}a{args.a_bits}{kv}_{method_name(args)}"
+    return name + ("_rot" if args.rotate else "")
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from common.data import check_dataset_arg
+    from common.llm import looks_like_path
+
+    if a.load_qmodel_path is not None:
+        path = os.path.expanduser(a.load_qmodel_path)
+        if not os.path.isdir(path):
+            p.error(f"--load_qmodel_path: directory {a.load_qmodel_path} does not exist")
+        if not os.path.isfile(os.path.join(path, QUANT_FILE)):
+            p.error(f"--load_qmodel_path: {a.load_qmodel_path} has no {QUANT_FILE} (not saved with --save_qmodel_path)")
+        if a.save_qmodel_path is not None:
+            p.error("--save_qmodel_path and --load_qmodel_path cannot be combined")
+    elif a.model is None:
+        p.error("--model is required (a hub id or a local model directory)")
+    if a.model is not None:
+        path = os.path.expanduser(a.model)
+        if os.path.exists(path):
+            if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+                p.error(f"--model: {a.model} is not a model directory (no config.json)")
+        elif looks_like_path(a.model):
+            p.error(f"--model: local model directory {a.model} does not exist")
+    if a.gptaq and a.w_rtn:
+        p.error("--gptaq and --w_rtn are exclusive (GPTAQ is a GPTQ-style solver; RTN uses no calibration)")
+    if a.gptaq_exact and not a.gptaq:
+        p.error("--gptaq_exact needs --gptaq")
+    if a.static_groups and a.w_groupsize == -1:
+        p.error("--static_groups needs --w_groupsize > 0")
+    if a.lm_eval:
+        from common.lm_eval_runner import validate_tasks
+
+        try:
+            validate_tasks(a.tasks, a.lm_eval_include_path)
+        except ValueError as e:
+            p.error(f"--tasks: {str(e).splitlines()[0]}")
+    for flag in ("cal_dataset", "eval_dataset"):
+        try:
+            check_dataset_arg(getattr(a, flag), f"--{flag}")
+        except ValueError as e:
+            p.error(str(e).splitlines()[0])
+    if a.device is None:
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device: unknown device {a.device!r} (expected cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        p.error(f"--device {a.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if a.distribute and (dev.type != "cuda" or torch.cuda.device_count() < 2):
+        warnings.warn("--distribute needs at least two visible GPUs; evaluating on a single device instead")
+        a.distribute = False
+
+
+def validate_model_config(args: argparse.Namespace, config) -> None:
+    """Checks that need only config.json: supported architecture and group sizes dividing the layer widths.
+    Raises SystemExit with a one-line message."""
+    from common.llm import LLMError, check_config, head_dim, linear_in_features
+
+    try:
+        check_config(config)
+    except LLMError as e:
+        raise SystemExit(f"error: {e}") from None
+    widths = linear_in_features(config)
+    for flag in ("w_groupsize", "a_groupsize"):
+        size = getattr(args, flag)
+        if size <= 0:
+            continue
+        for what, cols in widths.items():
+            if cols % size:
+                raise SystemExit(f"error: --{flag} {size} does not divide the {cols} input features of {what} "
+                                 f"({config.model_type}, hidden_size {config.hidden_size})")
+    hd = head_dim(config)
+    for flag in ("k_groupsize", "v_groupsize"):
+        size = getattr(args, flag)
+        if size > 0 and hd % size:
+            raise SystemExit(f"error: --{flag} {size} does not divide head_dim {hd}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate everything that needs no model file beyond config.json (which main reads next)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(parse_args(sys.argv[1:]))
