@@ -1,8 +1,9 @@
 """A straightforward PyTorch transcription of the published GPTQ / GPTAQ column loop (per-channel grid).
 
-This is the speed baseline for bench/fused.py, not library code: each column is rounded, then the remaining
+This is the speed baseline for bench/solver.py, not library code: each column is rounded, then the remaining
 columns of its block get err * U[i, i:] (and, for GPTAQ, - w * P[i, i:]) as separate outer products, and the
-trailing columns get one GEMM per block.  It mirrors the algorithm as written in the papers.
+trailing columns get one GEMM per block.  U comes from Cholesky, explicit inverse, Cholesky and P from two dense
+products, as written in the papers.  GPTAQ exact is the same GPTQ loop on V = W + alpha W dXXT H^-1.
 """
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from common.quantizer import fit_grid
 
 @torch.no_grad()
 def baseline_solve(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None, bits: int, alpha: float = 0.25,
-                   percdamp: float = 0.01, blocksize: int = 128) -> torch.Tensor:
+                   percdamp: float = 0.01, blocksize: int = 128, exact: bool = False) -> torch.Tensor:
     W = W.float().clone()
     H = H.float().clone()
     cols = W.shape[1]
     H.diagonal().add_(percdamp * torch.diag(H).mean())
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    P = alpha * torch.triu(dXXT.float() @ U.T, diagonal=1) @ U if dXXT is not None else None
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    P = None
+    if dXXT is not None and exact:
+        W = W + alpha * W @ dXXT.float() @ Hinv
+    elif dXXT is not None:
+        P = alpha * torch.triu(dXXT.float() @ U.T, diagonal=1) @ U
     scale, zero = fit_grid(W, bits)
     maxq = 2**bits - 1
     Q = torch.zeros_like(W)

@@ -1,9 +1,15 @@
-"""Time GPTQ, GPTAQ (P form) and GPTAQ exact on Llama-2-7B layer shapes.
+"""Time GPTQ, GPTAQ (P form) and GPTAQ exact: published-loop baseline, our PyTorch walk and the Triton walk.
 
-Usage: python bench/solver.py [--shapes 4096x4096,11008x4096,4096x11008] [--repeats 3] [--json out.json]
-On CUDA it uses the paper shapes (float32, TF32 off); without CUDA it uses small shapes so it finishes on a laptop.
-Inputs are random and correlated (never zeros); timings are medians after one warm-up, synchronized.
-The last column times bench/baseline_gptaq.py, a plain transcription of the published loop (per-channel runs only).
+Usage: python bench/solver.py [--shapes 4096x4096,11008x4096,4096x11008,8192x28672] [--repeats 3] [--json out.json]
+On CUDA it uses the paper shapes (float32, TF32 off); without CUDA it uses small shapes (no Triton column) so it
+finishes on a laptop.  Inputs are random and correlated (never zeros); timings are medians after one warm-up,
+synchronized.  The baseline is bench/baseline_gptaq.py (per-channel runs only).
+
+Floor = the solve's FLOPs over the float32 matmul rate measured in the same run (8192^3 product, TF32 off), with
+FLOPs counted for the triangular algorithm (r x n weight, n inputs; a multiply-add is 2 FLOPs):
+  GPTQ        Cholesky n^3/3 + triangular inverse n^3/3 + column updates r n^2             = 2n^3/3 + r n^2
+  GPTAQ       + P = alpha triu_1(dXXT U^T) U (two triangular products, n^3/3 each) + r n^2 = 4n^3/3 + 2 r n^2
+  GPTAQ exact GPTQ + W dXXT (2 r n^2) + (.) U^T U (r n^2 each)                             = 2n^3/3 + 5 r n^2
 """
 from __future__ import annotations
 
@@ -18,26 +24,32 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.baseline_gptaq import baseline_solve  # noqa: E402
+from common import solvers  # noqa: E402
 from common.solvers import gptaq, gptq  # noqa: E402
 
-GPU_SHAPES = "4096x4096,11008x4096,4096x11008"
+GPU_SHAPES = "4096x4096,11008x4096,4096x11008,8192x28672"
 CPU_SHAPES = "256x256,688x256,256x688"
+METHODS = ("gptq", "gptaq", "gptaq_exact")
 
 
 def make_inputs(rows: int, cols: int, device: torch.device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """W [rows, cols], H and dXXT from 2*cols correlated tokens with a few large channels (generated on `device`)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     tokens = 2 * cols
-    mix = torch.randn(cols, cols, generator=g) / cols**0.5
-    X = (mix @ torch.randn(cols, tokens, generator=g)).to(device)
+    mix = torch.randn(cols, cols, generator=g, device=device) / cols**0.5
+    X = mix @ torch.randn(cols, tokens, generator=g, device=device)
+    del mix
     X[:8] *= 10.0
-    Xt = X + 0.05 * torch.randn(cols, tokens, generator=g).to(device)
+    Xt = X + 0.05 * torch.randn(cols, tokens, generator=g, device=device)
     H = 2 / tokens * Xt @ Xt.T
-    dXXT = 2 / tokens * (X - Xt) @ Xt.T
-    W = (torch.randn(rows, cols, generator=g) * 0.02).to(device)
+    X -= Xt
+    dXXT = 2 / tokens * X @ Xt.T
+    del X, Xt
+    W = torch.randn(rows, cols, generator=g, device=device) * 0.02
     return W, H, dXXT
 
 
-def timed(fn, device, repeats: int) -> float:
+def timed(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -51,6 +63,19 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def matmul_rate(device: torch.device) -> float:
+    """Measured float32 matmul FLOP/s (TF32 off) on an 8192^3 product (1024^3 on CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / timed(lambda: a @ b, device, 5)
+
+
+def solve_flops(method: str, rows: int, n: int) -> float:
+    """FLOPs of one solve, counted as in the module docstring."""
+    base = 2 * n**3 / 3 + rows * n**2
+    return {"gptq": base, "gptaq": base + 2 * n**3 / 3 + rows * n**2, "gptaq_exact": base + 4 * rows * n**2}[method]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="comma-separated ROWSxCOLS (W is out x in)")
@@ -58,40 +83,79 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--group_size", type=int, default=-1)
     p.add_argument("--act_order", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no_baseline", action="store_true", help="skip the published-loop baseline")
+    p.add_argument("--p_tf32", action="store_true", help="GPTAQ's P and its trailing GEMM in TF32 (solvers.P_TF32)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    solvers.P_TF32 = args.p_tf32
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     kw = dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    plain = args.group_size == -1 and not args.act_order  # the baseline transcription is per-channel only
+    backends = ("torch", "triton") if device.type == "cuda" else ("torch",)
+    with_baseline = args.group_size == -1 and not args.act_order and not args.no_baseline  # baseline: per channel
+    rate = matmul_rate(device)
     rows_out = []
     for shape in shapes.split(","):
         r, c = (int(v) for v in shape.lower().split("x"))
         W, H, dXXT = make_inputs(r, c, device)
-        t_gptq = timed(lambda: gptq(W, H, **kw), device, args.repeats)
-        t_p = timed(lambda: gptaq(W, H, dXXT, **kw), device, args.repeats)
-        t_e = timed(lambda: gptaq(W, H, dXXT, exact=True, **kw), device, args.repeats)
-        t_b = timed(lambda: baseline_solve(W, H, dXXT, args.bits), device, args.repeats) if plain else float("nan")
-        rows_out.append(dict(shape=f"{r}x{c}", gptq_s=t_gptq, gptaq_s=t_p, gptaq_exact_s=t_e,
-                             gptaq_over_gptq=t_p / t_gptq, exact_over_gptq=t_e / t_gptq, baseline_gptaq_s=t_b))
+        solves = {
+            "gptq": (lambda b: gptq(W, H, backend=b, **kw), lambda: baseline_solve(W, H, None, args.bits)),
+            "gptaq": (lambda b: gptaq(W, H, dXXT, backend=b, **kw), lambda: baseline_solve(W, H, dXXT, args.bits)),
+            "gptaq_exact": (lambda b: gptaq(W, H, dXXT, exact=True, backend=b, **kw),
+                            lambda: baseline_solve(W, H, dXXT, args.bits, exact=True)),
+        }
+        for method in METHODS:
+            ours, base = solves[method]
+            row = dict(shape=f"{r}x{c}", method=method, flops=solve_flops(method, r, c))
+            row["floor_s"] = row["flops"] / rate
+            for b in backends:
+                row[f"{b}_s"] = timed(lambda: ours(b), device, args.repeats)
+            row["baseline_s"] = timed(base, device, args.repeats) if with_baseline else float("nan")
+            best = row[f"{backends[-1]}_s"]
+            row["speedup_vs_baseline"] = row["baseline_s"] / best
+            row["over_floor"] = best / row["floor_s"]
+            rows_out.append(row)
+            print(f"  {row['shape']} {method}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                             if k.endswith("_s")), flush=True)
         del W, H, dXXT
-    result = dict(device=name, torch=torch.__version__, config=vars(args), results=rows_out)
-    print(f"device: {name}, torch {torch.__version__}, bits {args.bits}, group {args.group_size}, "
-          f"act_order {args.act_order}, float32, TF32 off, median of {args.repeats}")
-    print("| shape (out x in) | GPTQ s | GPTAQ s | GPTAQ exact s | GPTAQ/GPTQ | exact/GPTQ | published-loop GPTAQ s |")
-    print("|---|---|---|---|---|---|---|")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows_out:  # GPTAQ and exact against our GPTQ on the same shape and backend
+        g = next(x for x in rows_out if x["shape"] == row["shape"] and x["method"] == "gptq")
+        row["over_gptq"] = row[f"{backends[-1]}_s"] / g[f"{backends[-1]}_s"]
+    result = dict(device=name, torch=torch.__version__, triton=_triton_version(), date=time.strftime("%Y-%m-%d"),
+                  matmul_tflops=rate / 1e12, config=vars(args), results=rows_out)
+    print(f"device: {name}, torch {torch.__version__}, triton {result['triton']}, bits {args.bits}, "
+          f"group {args.group_size}, act_order {args.act_order}, float32, TF32 {'for P only' if args.p_tf32 else 'off'}, "
+          f"median of {args.repeats}; "
+          f"float32 matmul {rate / 1e12:.2f} TFLOP/s")
+    best = backends[-1]
+    tri_head = "Triton walk s | " if best == "triton" else ""
+    print(f"| shape (out x in) | method | baseline s | PyTorch walk s | {tri_head}speed-up vs baseline | / our GPTQ | "
+          "floor s | / floor |")
+    print("|---|---|---|---|" + ("---|" if best == "triton" else "") + "---|---|---|---|")
     for row in rows_out:
-        print(f"| {row['shape']} | {row['gptq_s']:.3f} | {row['gptaq_s']:.3f} | {row['gptaq_exact_s']:.3f} | "
-              f"{row['gptaq_over_gptq']:.2f} | {row['exact_over_gptq']:.2f} | {row['baseline_gptaq_s']:.3f} |")
+        tri = f"{row['triton_s']:.3f} | " if best == "triton" else ""
+        print(f"| {row['shape']} | {row['method']} | {row['baseline_s']:.3f} | {row['torch_s']:.3f} | {tri}"
+              f"{row['speedup_vs_baseline']:.1f}x | {row['over_gptq']:.2f} | {row['floor_s']:.4f} | "
+              f"{row['over_floor']:.1f}x |")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
         os.replace(tmp, args.json)
     return result
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ columns not yet quantized through U, the upper Cholesky factor of H^-1 (H^-1 = U
 GPTAQ (GPTQv2) fits Q X~ to the full-precision output W X.  With dXXT = (2/N)(X - X~) X~^T and
 P = alpha * triu_1(dXXT U^T) U it adds the asymmetric term at each step (published "P form"):
     W[:, i:] -= err_i U[i, i:] - w_i P[i, i:]        (w_i the column before rounding),
-and across lazy blocks W[:, rest] -= Err U[blk, rest] - W_blk P[blk, rest] (W_blk the block after its steps).
+and across lazy blocks W[:, rest] -= Err U[blk, rest] - Q_blk P[blk, rest] (the block after its steps: its rounded Q).
 `exact=True` solves the same objective as GPTQ on the least-squares target V = W + alpha W dXXT H^-1
 (||Q X~ - W X||^2 = ||(Q - V*) X~||^2 + const for alpha = 1), which is the exact greedy for that objective.
 `order="reverse"` processes columns back to front: GPTQ then is Babai's nearest-plane algorithm (see `babai_bound`).
 All arithmetic is float32 (or the input's float64) on W's device; results come back in W's original column order.
+The in-block column walk runs as one Triton kernel per block on CUDA (`backend="auto"`, common/fused_solver.py) or
+as a PyTorch loop (`backend="torch"`, CPU and checking); the GEMMs, the factorization and P are shared.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,13 +28,19 @@ from .quantizer import fit_grid
 
 __all__ = [
     "SolverError", "QuantResult", "gptq", "gptaq", "rtn", "gptq_quantize", "gptaq_quantize", "rtn_quantize",
-    "proxy_loss", "babai_bound", "inverse_cholesky",
+    "proxy_loss", "babai_bound", "inverse_cholesky", "asym_matrix", "resolve_backend", "BACKENDS",
 ]
 
 log = logging.getLogger(__name__)
 
 NO_QUANT_BITS = 16  # bits=16 means "do not round": the solver only applies its (exact) corrections
 MAX_DAMP_RETRIES = 6
+BACKENDS = ("auto", "triton", "torch")  # column walk: Triton kernel (common/fused_solver.py) or the PyTorch loop
+MAX_WALK = 128  # most columns one column walk (kernel launch) covers
+PANEL = 2048  # panel width of the triangular products and the triangular inverse (measured best on an H100)
+# Opt-in: GPTAQ's P and its trailing GEMM in TF32 on CUDA (30% less time on 8192x28672, same asymmetric objective,
+# but 98.5-99.3% of codes equal a float64 solve's, against 99.89-99.92% for float32; bench/check_fused.py measures).
+P_TF32 = False
 
 
 class SolverError(ValueError):
@@ -101,26 +110,95 @@ def _check_inputs(name: str, W: torch.Tensor, H: torch.Tensor | None, dXXT: torc
 # ------------------------------------------------------------------------------------------ preparation
 
 
+def _panel(n: int) -> int:
+    """Panel width of the triangular products below (large panels keep the GEMMs efficient)."""
+    return min(n, PANEL)
+
+
+def _upper_inverse(R: torch.Tensor, panel: int | None = None) -> torch.Tensor:
+    """R^-1 for upper-triangular R, by column panels: R[:j2, :j2] X = I[:j2, j1:j2] (n^3/3 flops, not n^3)."""
+    n = R.shape[0]
+    b = panel or _panel(n)
+    Rinv = torch.zeros(n, n, dtype=R.dtype, device=R.device)
+    for j1 in range(0, n, b):
+        j2 = min(j1 + b, n)
+        rhs = torch.zeros(j2, j2 - j1, dtype=R.dtype, device=R.device)
+        rhs[j1:].fill_diagonal_(1.0)
+        Rinv[:j2, j1:j2] = torch.linalg.solve_triangular(R[:j2, :j2], rhs, upper=True)
+    return Rinv
+
+
+def _mm_upper(X: torch.Tensor, U: torch.Tensor, *, transpose: bool, strict_upper_out: bool = False,
+              panel: int | None = None) -> torch.Tensor:
+    """X @ U^T (transpose) or X @ U for upper-triangular U, skipping U's zero blocks (half the dense flops).
+
+    Column panel J of X U^T reads X[:, j1:]; of X U it reads X[:, :j2].  strict_upper_out (square X, X U^T only)
+    computes just the rows i < j2 of panel J and returns triu_1(X U^T).
+    """
+    n = U.shape[0]
+    b = panel or _panel(n)
+    out = (torch.zeros if strict_upper_out else torch.empty)(X.shape[0], n, dtype=X.dtype, device=X.device)
+    for j1 in range(0, n, b):
+        j2 = min(j1 + b, n)
+        if transpose:
+            rows = j2 if strict_upper_out else X.shape[0]
+            out[:rows, j1:j2] = X[:rows, j1:] @ U[j1:j2, j1:].T
+        else:
+            out[:, j1:j2] = X[:, :j2] @ U[:j2, j1:j2]
+    return out.triu_(1) if strict_upper_out else out
+
+
+def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | None = None) -> torch.Tensor:
+    """GPTAQ's P = alpha * triu_1(dXXT U^T) U (processing order), computed tile by tile over the nonzero blocks.
+
+    Both factors are triangular, so P[I, J] = M[I, I..J] U[I..J, J] with M = triu_1(dXXT U^T): about 2n^3/3 flops
+    against 4n^3 for the two dense products.
+    """
+    n = U.shape[0]
+    b = panel or _panel(n)
+    M = _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=b).mul_(alpha)
+    P = torch.zeros_like(M)
+    for i1 in range(0, n, b):
+        i2 = min(i1 + b, n)
+        for j1 in range(i1, n, b):
+            j2 = min(j1 + b, n)
+            P[i1:i2, j1:j2] = M[i1:i2, i1:j2] @ U[i1:j2, j1:j2]
+    return P
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 for CUDA float32 matmuls inside the block (legacy flag, which keeps torch's two TF32 settings in step)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
     """U, upper triangular with H_damped^-1 = U^T U, H_damped = H + percdamp * mean(diag H) * I.
 
-    A Hessian that stays non-positive-definite is retried with 10x the dampening (logged), up to 6 times.
-    H is not modified.
+    H^-1 is never formed: with J the reversal, J H_d J = L L^T gives H_d = R R^T, R = J L J upper triangular, and
+    U = R^-1 (the unique upper factor with positive diagonal).  A Hessian that stays non-positive-definite is retried
+    with 10x the dampening (logged), up to 6 times.  H is not modified.
     """
     n = H.shape[0]
     mean_diag = torch.diag(H).mean()
     damp = percdamp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        Hd = H.clone()
+        Hd = H.flip(0, 1)
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+            U = _upper_inverse(L.flip(0, 1))
+            if torch.isfinite(U).all():
                 if attempt:
                     log.warning("%s: Hessian was not positive definite; succeeded with percdamp=%g", name, damp)
                 return U
+        del L
         damp = max(damp * 10.0, 1e-6)
         log.warning("%s: Hessian not positive definite after dampening; retrying with percdamp=%g", name, damp)
     raise SolverError(f"{name}: Hessian is not positive definite even with percdamp={damp:g} ({n} columns)")
@@ -131,6 +209,13 @@ def _group_blocksize(blocksize: int, group_size: int) -> int:
     if group_size == -1:
         return blocksize
     return max(1, blocksize // group_size) * group_size
+
+
+def _walk_width(lazy: int, group_size: int, dynamic_groups: bool) -> int:
+    """Columns per column walk (one kernel launch): the largest divisor of the lazy block width that is at most
+    MAX_WALK, and of the group size when groups are fitted on the current weights, so every group starts a walk."""
+    span = group_size if dynamic_groups else lazy
+    return max(d for d in range(1, min(span, MAX_WALK) + 1) if span % d == 0)
 
 
 def _processing_order(H: torch.Tensor, act_order: bool, order: str) -> torch.Tensor:
@@ -144,113 +229,181 @@ def _processing_order(H: torch.Tensor, act_order: bool, order: str) -> torch.Ten
     return perm
 
 
+def resolve_backend(backend: str, W: torch.Tensor, name: str = "layer") -> str:
+    """'torch' or 'triton' for the column walk: auto = Triton on CUDA when importable (float32), PyTorch otherwise."""
+    if backend not in BACKENDS:
+        raise SolverError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not W.is_cuda):
+        return "torch"
+    from . import fused_solver
+
+    why = fused_solver.unavailable_reason(W)
+    if why is None:
+        return "triton"
+    if backend == "triton":
+        raise SolverError(f"{name}: backend='triton' {why}")
+    return "torch"
+
+
 # ------------------------------------------------------------------------------------------ core solve
+
+
+def _walk_torch(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor | None, S1: torch.Tensor | None,
+                Z1: torch.Tensor | None, maxq: int, E1: torch.Tensor, NQ1: torch.Tensor) -> None:
+    """The in-block column walk in PyTorch (the reference for common/fused_solver.py, same arguments).
+
+    W1 [rows, n] holds the block's current columns and gets their values before rounding; E1 gets err = (w - q)/U_ii
+    and NQ1 gets -q.  S1, Z1 [rows, n] are each column's grid (None: no rounding).  Per column the update is one GEMM
+    with inner dimension 2:  W1[:, i:] -= [w, q] @ [B[i, i:] - P[i, i:]; -B[i, i:]] = err U[i, i:] - w P[i, i:],
+    B = U / diag(U) row-wise, so GPTAQ costs the same per column as GPTQ.
+    """
+    rows, n = W1.shape
+    d = torch.diagonal(U1)
+    B = U1 / d.unsqueeze(1)
+    coef = torch.stack((B if P1 is None else B - P1, -B), dim=1)  # [n, 2, n]
+    T = W1.clone()
+    WQ = torch.empty(rows, n, 2, dtype=W1.dtype, device=W1.device)  # [:, i, 0] before rounding, [:, i, 1] rounded
+    for i in range(n):
+        w, q = WQ[:, i, 0], WQ[:, i, 1]
+        w.copy_(T[:, i])
+        if S1 is None:
+            q.copy_(w)
+        else:
+            s, z = S1[:, i], Z1[:, i]
+            torch.mul(s, torch.clamp(torch.round(w / s) + z, 0, maxq) - z, out=q)
+        T[:, i:].addmm_(WQ[:, i, :], coef[i, :, i:], alpha=-1)
+    W1.copy_(WQ[:, :, 0])
+    E1.copy_((WQ[:, :, 0] - WQ[:, :, 1]) / d)
+    NQ1.copy_(WQ[:, :, 1]).neg_()
+
+
+def _column_grids(scales: torch.Tensor, zeros: torch.Tensor, g_pos: torch.Tensor, g_list: list[int], s1: int,
+                  s2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's (scale, zero) for positions s1..s2-1 as [rows, n]: a broadcast view when one group covers them."""
+    g = g_list[s1]
+    if all(v == g for v in g_list[s1:s2]):
+        shape = (scales.shape[0], s2 - s1)
+        return scales[:, g:g + 1].expand(shape), zeros[:, g:g + 1].expand(shape)
+    idx = g_pos[s1:s2]
+    return scales[:, idx], zeros[:, idx]
 
 
 def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None, *, bits: int, sym: bool,
            mse: bool, group_size: int, act_order: bool, static_groups: bool, percdamp: float, blocksize: int,
-           order: str, alpha: float, exact: bool,
+           order: str, alpha: float, exact: bool, backend: str,
            scale_dtype: torch.dtype | None = None) -> QuantResult:
-    """Shared body of gptq / gptaq (P form or exact)."""
+    """Shared body of gptq / gptaq (P form or exact); backend is 'torch' or 'triton' (see `resolve_backend`)."""
+    if backend == "triton":
+        from .fused_solver import walk
+    else:
+        walk = _walk_torch
     dev = W.device
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     rows, cols = W.shape
     W = W.to(dtype).clone()
-    H = H.to(dev, dtype).clone()
+    H = H.to(dev, dtype)
     if dXXT is not None:
-        dXXT = dXXT.to(dev, dtype).clone()
-
+        dXXT = dXXT.to(dev, dtype)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    if dXXT is not None:
-        dXXT[:, dead] = 0
+    if dead.any():
+        H = H.clone()
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        if dXXT is not None:
+            dXXT = dXXT.clone()
+            dXXT[:, dead] = 0
 
-    U_orig = inverse_cholesky(H, percdamp, name) if exact else None
-    if exact and dXXT is not None:
-        # V = W + alpha W dXXT H^-1: the least-squares target of min ||Q X~ - W X||; GPTQ on V is the exact greedy.
-        W = W + alpha * ((W @ dXXT) @ U_orig.T) @ U_orig
-        dXXT = None
+    perm = _processing_order(H, act_order, order)
+    invperm = torch.argsort(perm)
+    permuted = act_order or order == "reverse"  # else the processing order is the identity: skip the gathers
+    U = inverse_cholesky(H[perm][:, perm] if permuted else H, percdamp, name)
+    if permuted:
+        W = W[:, perm]
+    P = None
+    if dXXT is not None:
+        D = dXXT[perm][:, perm] if permuted else dXXT
+        del dXXT
+        if exact:
+            # V = W + alpha W dXXT H^-1: the least-squares target of min ||Q X~ - W X||; GPTQ on V is the exact greedy.
+            # In processing order H^-1 = U^T U.
+            W += alpha * _mm_upper(_mm_upper(W @ D, U, transpose=True), U, transpose=False)
+        else:
+            with _tf32(P_TF32):
+                P = asym_matrix(D, U, alpha)
+        del D
 
     quantize = bits != NO_QUANT_BITS
     ngroups = 1 if group_size == -1 else cols // group_size
-    static = None
-    if quantize and group_size != -1 and static_groups:
-        static = [fit_grid(W[:, g * group_size:(g + 1) * group_size], bits, sym, mse, scale_dtype) for g in range(ngroups)]
-
-    perm = _processing_order(H, act_order, order)
-    W = W[:, perm]
-    H = H[perm][:, perm]
-    if dXXT is not None:
-        dXXT = dXXT[perm][:, perm]
-    U = inverse_cholesky(H, percdamp, name)
-    P = None
-    if dXXT is not None:
-        P = alpha * torch.triu(dXXT @ U.T, diagonal=1) @ U
-
-    Q = torch.zeros_like(W)
-    scales = zeros = g_pos = None
+    dynamic = quantize and group_size != -1 and not static_groups
+    scales = zeros = g_pos = g_list = None
     if quantize:
         scales = torch.zeros(rows, ngroups, dtype=dtype, device=dev)
         zeros = torch.zeros(rows, ngroups, dtype=dtype, device=dev)
         pos = torch.arange(cols, device=dev)
         g_pos = pos // group_size if group_size != -1 else torch.zeros_like(pos)  # group of each position
-        if static is not None:
+        if group_size != -1 and static_groups:  # all grids up-front, on the original columns
             g_pos = perm // group_size
-            for g, (s_g, z_g) in enumerate(static):
-                scales[:, g:g + 1], zeros[:, g:g + 1] = s_g, z_g
+            W_orig = W[:, invperm]
+            for g in range(ngroups):
+                scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W_orig[:, g * group_size:(g + 1) * group_size],
+                                                                 bits, sym, mse, scale_dtype)
+            del W_orig
         elif group_size == -1:
             scales[:], zeros[:] = fit_grid(W, bits, sym, mse, scale_dtype)
-    g_list = g_pos.tolist() if quantize else None
+        g_list = g_pos.tolist()
 
-    # Per column the update is one GEMM with inner dimension 2 for both methods:
-    #   W[:, i:] -= [w, q] @ [B[i, i:]; -B[i, i:]]          (GPTQ:  (w - q) B[i, i:])
-    #   W[:, i:] -= [w, q] @ [B[i, i:] - P[i, i:]; -B[i, i:]] (GPTAQ: err U[i, i:] - w P[i, i:])
-    # with B = U / diag(U) row-wise, so GPTAQ costs the same per column as GPTQ.
-    bs = _group_blocksize(blocksize, group_size)
+    # Lazy blocks of `lazy` columns, walked `width` columns at a time (a kernel launch for the Triton backend).
+    # Inside a lazy block the P term uses each column before rounding; later blocks get one GEMM with the rounded Q:
+    #   W[:, rest] -= [Err, -Q] @ [U[blk, rest]; P[blk, rest]] = Err U[blk, rest] - Q P[blk, rest].
+    lazy = _group_blocksize(blocksize, group_size)
+    width = _walk_width(lazy, group_size, dynamic)
     maxq = 2**bits - 1
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
+    Q = torch.empty_like(W)
+    for i1 in range(0, cols, lazy):
+        i2 = min(i1 + lazy, cols)
         n1 = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        WQ = torch.empty(rows, n1, 2, dtype=dtype, device=dev)  # [:, i, 0] column before rounding, [:, i, 1] rounded
-        U1 = U[i1:i2, i1:i2]
-        d1 = torch.diagonal(U1)
-        B1 = U1 / d1.unsqueeze(1)
-        coef = torch.stack((B1 if P is None else B1 - P[i1:i2, i1:i2], -B1), dim=1)  # [n1, 2, n1]
-        for i in range(n1):
-            j = i1 + i
-            w, q = WQ[:, i, 0], WQ[:, i, 1]
-            w.copy_(W1[:, i])
+        A = torch.empty(rows, 2 * n1, dtype=dtype, device=dev)  # [Err | -Q] of this lazy block
+        for s1 in range(i1, i2, width):
+            s2 = min(s1 + width, i2)
+            S1 = Z1 = None
             if quantize:
-                g = g_list[j]
-                if static is None and group_size != -1 and j % group_size == 0:
-                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W1[:, i:i + group_size], bits, sym, mse,
-                                                                               scale_dtype)
-                s_g, z_g = scales[:, g], zeros[:, g]
-                torch.mul(s_g, torch.clamp(torch.round(w / s_g) + z_g, 0, maxq) - z_g, out=q)
-            else:
-                q.copy_(w)
-            W1[:, i:].addmm_(WQ[:, i, :], coef[i, :, i:], alpha=-1)
-        Wpre, Q1 = WQ[:, :, 0], WQ[:, :, 1]
-        Q[:, i1:i2] = Q1
+                if dynamic and s1 % group_size == 0:  # a group's grid, found on the current (updated) weights
+                    g = g_list[s1]
+                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W[:, s1:s1 + group_size], bits, sym, mse,
+                                                                     scale_dtype)
+                S1, Z1 = _column_grids(scales, zeros, g_pos, g_list, s1, s2)
+            e1, e2 = s1 - i1, s2 - i1
+            walk(W[:, s1:s2], U[s1:s2, s1:s2], None if P is None else P[s1:s2, s1:s2], S1, Z1, maxq,
+                 A[:, e1:e2], A[:, n1 + e1:n1 + e2])
+            if s2 < i2:  # rest of the lazy block: the in-block rule (P term on the columns before rounding)
+                W[:, s2:i2].addmm_(A[:, e1:e2], U[s1:s2, s2:i2], alpha=-1)
+                if P is not None:
+                    W[:, s2:i2].addmm_(W[:, s1:s2], P[s1:s2, s2:i2])
+        Q[:, i1:i2] = -A[:, n1:]
         if i2 < cols:
-            W[:, i2:].addmm_((Wpre - Q1) / d1, U[i1:i2, i2:], alpha=-1)
-            if P is not None:
-                W[:, i2:].addmm_(W1, P[i1:i2, i2:])
-        W[:, i1:i2] = Wpre  # kept only to count clipping below
+            if P is not None and not P_TF32:
+                W[:, i2:].addmm_(A, torch.cat((U[i1:i2, i2:], P[i1:i2, i2:])), alpha=-1)
+            else:
+                W[:, i2:].addmm_(A[:, :n1], U[i1:i2, i2:], alpha=-1)
+                if P is not None:
+                    with _tf32(P_TF32):
+                        W[:, i2:].addmm_(A[:, n1:], P[i1:i2, i2:], alpha=-1)
+    # W now holds every column's value before rounding (kept to count clipping below).
 
-    invperm = torch.argsort(perm)
+    info = {"backend": backend}
     if not quantize:
-        return QuantResult(Q[:, invperm].float(), None, None, None, None, perm, bits, sym, group_size)
+        return QuantResult((Q[:, invperm] if permuted else Q).float(), None, None, None, None, perm, bits, sym,
+                           group_size, info=info)
     S, Z = scales[:, g_pos], zeros[:, g_pos]
     codes = torch.round(Q / S + Z)
-    clipped = ((W - Q).abs() > 0.5 * S * (1 + 1e-5) + 1e-12).sum(dim=1)  # W now holds the pre-rounding values
-    Q = Q[:, invperm].float()
+    clipped = ((W - Q).abs() > 0.5 * S * (1 + 1e-5) + 1e-12).sum(dim=1)
+    if permuted:
+        Q, codes = Q[:, invperm], codes[:, invperm]
+    Q = Q.float()
     if not torch.isfinite(Q).all():
         raise SolverError(f"{name}: the solve produced non-finite weights")
-    return QuantResult(Q, codes[:, invperm].to(torch.int32), scales.float(), zeros.float(),
-                       g_pos[invperm].to(torch.int32), perm, bits, sym, group_size, clipped)
+    return QuantResult(Q, codes.to(torch.int32), scales.float(), zeros.float(),
+                       g_pos[invperm].to(torch.int32), perm, bits, sym, group_size, clipped, info)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -259,50 +412,53 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False,
                   group_size: int = -1, act_order: bool = False, static_groups: bool = False,
                   percdamp: float = 0.01, blocksize: int = 128, order: str = "forward",
-                  name: str = "layer", scale_dtype: torch.dtype | None = None) -> QuantResult:
+                  name: str = "layer", scale_dtype: torch.dtype | None = None, backend: str = "auto") -> QuantResult:
     """GPTQ with codes, scales, zeros and g_idx for export.  See `gptq`.
 
     scale_dtype=torch.float16 rounds every scale to float16 when it is chosen, as a GPTQ checkpoint stores it.
     """
     _check_inputs(name, W, H, None, bits, group_size, percdamp, blocksize, order)
+    use = resolve_backend(backend, W, name)
     with torch.no_grad():
         return _solve(name, W, H, None, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                       static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                      alpha=0.0, exact=False, scale_dtype=scale_dtype)
+                      alpha=0.0, exact=False, backend=use, scale_dtype=scale_dtype)
 
 
 def gptaq_quantize(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float = 0.25,
                    exact: bool = False, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
                    act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                    blocksize: int = 128, order: str = "forward", name: str = "layer",
-                   scale_dtype: torch.dtype | None = None) -> QuantResult:
+                   scale_dtype: torch.dtype | None = None, backend: str = "auto") -> QuantResult:
     """GPTAQ with codes, scales, zeros and g_idx for export.  See `gptaq` and `gptq_quantize`."""
     _check_inputs(name, W, H, dXXT, bits, group_size, percdamp, blocksize, order, alpha)
+    use = resolve_backend(backend, W, name)
     with torch.no_grad():
         return _solve(name, W, H, dXXT, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                       static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                      alpha=alpha, exact=exact, scale_dtype=scale_dtype)
+                      alpha=alpha, exact=exact, backend=use, scale_dtype=scale_dtype)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False,
          group_size: int = -1, act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-         blocksize: int = 128, order: str = "forward", name: str = "layer") -> torch.Tensor:
+         blocksize: int = 128, order: str = "forward", name: str = "layer", backend: str = "auto") -> torch.Tensor:
     """GPTQ: fake-quantized W (float32, same shape) minimising ||(Q - W) X~||^2 greedily, H = (2/N) X~ X~^T.
 
     bits 2..8 (16: no rounding), sym/asymmetric grid, mse clip search, group_size (-1: per channel),
     act_order (columns by descending diag H), static_groups (all group grids from the original W),
     percdamp (fraction of mean diag H added to the diagonal), blocksize (lazy batch width),
-    order "forward" or "reverse" (Babai's nearest plane), name (used in error messages).
+    order "forward" or "reverse" (Babai's nearest plane), name (used in error messages),
+    backend "auto" (Triton column walk on CUDA when importable, else PyTorch), "triton" or "torch".
     """
     return gptq_quantize(W, H, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                          static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                         name=name).weight
+                         name=name, backend=backend).weight
 
 
 def gptaq(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float = 0.25, exact: bool = False,
           bits: int, sym: bool = False, mse: bool = False, group_size: int = -1, act_order: bool = False,
           static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128, order: str = "forward",
-          name: str = "layer") -> torch.Tensor:
+          name: str = "layer", backend: str = "auto") -> torch.Tensor:
     """GPTAQ: fake-quantized W (float32) for min ||Q X~ - W X||, dXXT = (2/N)(X - X~) X~^T.
 
     alpha scales the asymmetric term (paper default 0.25); exact=True runs GPTQ on V = W + alpha W dXXT H^-1
@@ -310,7 +466,7 @@ def gptaq(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float 
     """
     return gptaq_quantize(W, H, dXXT, alpha=alpha, exact=exact, bits=bits, sym=sym, mse=mse, group_size=group_size,
                           act_order=act_order, static_groups=static_groups, percdamp=percdamp, blocksize=blocksize,
-                          order=order, name=name).weight
+                          order=order, name=name, backend=backend).weight
 
 
 def rtn_quantize(W: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
