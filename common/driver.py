@@ -5,6 +5,9 @@ Block l is quantized on the stream X~_l of the already-quantized blocks 0..l-1. 
 dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precision block run on the
 full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
 GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on.
+Under torchrun (`common.distributed`) each rank carries its shard of both streams, the statistics are summed over
+ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.resume` checkpoints after
+every block.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import solvers
+from . import distributed, solvers
 from .act_quant import ActQuantLinear, set_act_quant
-from .hessian import HessianAccumulator
+from .distributed import SummedHessian as HessianAccumulator  # float64 sums: same H for any split over ranks
+from .resume import ResumeError, ResumeState
 
 __all__ = ["WeightQuantConfig", "quantize_blocks", "METHODS"]
 
@@ -45,6 +49,7 @@ class WeightQuantConfig:
     exact: bool = False           # GPTAQ exact variant
     order: str = "forward"        # or "reverse" (Babai)
     blocksize: int = 128
+    scale_dtype: torch.dtype | None = None  # e.g. torch.float16: scales as a GPTQ export stores them (bit exact)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,11 +150,15 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
         q_rec.remove()
         if fp_rec is not None:
             fp_rec.remove()
+    if distributed.world_size() > 1:
+        for acc in stats.values():
+            acc.all_reduce()
     return stats
 
 
 def _solve(name: str, W: torch.Tensor, acc: HessianAccumulator | None, cfg: WeightQuantConfig) -> solvers.QuantResult:
-    kw = dict(bits=cfg.bits, sym=cfg.sym, mse=cfg.mse, group_size=cfg.group_size, name=name)
+    kw = dict(bits=cfg.bits, sym=cfg.sym, mse=cfg.mse, group_size=cfg.group_size, name=name,
+              scale_dtype=cfg.scale_dtype)
     if cfg.method == "rtn":
         return solvers.rtn_quantize(W, **kw)
     kw.update(act_order=cfg.act_order, static_groups=cfg.static_groups, percdamp=cfg.percdamp,
@@ -170,6 +179,8 @@ def quantize_blocks(
     offload_inputs: bool = False,
     desc: str = "blocks",
     on_quantized: Callable[[int, str, solvers.QuantResult], None] | None = None,
+    resume: ResumeState | None = None,
+    block_times: list[dict] | None = None,
 ) -> list[dict]:
     """Quantize `blocks` in place, one at a time on `device` (each goes back to its original device afterwards).
 
@@ -179,6 +190,13 @@ def quantize_blocks(
     order.  prepare_block(block): wraps the linears in ActQuantLinear / sets activation quantizers (before capture).
     offload_inputs: keep both streams on CPU (pinned with CUDA) between blocks instead of on `device`.
     on_quantized(block_index, name, QuantResult): optional callback per solved linear (e.g. for export).
+    resume: checkpoint after every block into this `common.resume.ResumeState`, and first skip the blocks it has
+    finished (their saved weights are loaded, on_quantized is replayed from the saved results) and restart from its
+    saved streams.
+    Under torchrun, `inputs` is this rank's shard of the calibration batches (`common.distributed.shard`); every
+    rank ends with the same weights.
+    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s"} is appended per quantized block: wall
+    seconds spent capturing H / dXXT, solving (incl. proxy losses), and advancing the streams (CUDA synchronized).
     Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
     "seconds"}; proxy losses are from `common.solvers.proxy_loss` (none for RTN, which runs no calibration).
     """
@@ -192,8 +210,17 @@ def quantize_blocks(
     xq = [_to(x, stream_device, pin) for x in inputs] if needs_data else []
     xfp = [x for x in xq] if asymmetric else []  # same tensors until the first block replaces them
     records: list[dict] = []
+    start = 0
+    if resume is not None and cfg.active:
+        start, records = resume.load()
+        if needs_data and 0 < start < len(blocks):
+            xq, xfp = resume.load_streams(start, inputs, asymmetric)
+            xq, xfp = [_to(x, stream_device, pin) for x in xq], [_to(x, stream_device, pin) for x in xfp]
 
-    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block")):
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not distributed.is_main())):
+        if i < start:
+            _restore_block(resume, i, block, prepare_block, asymmetric, on_quantized)
+            continue
         home = _block_device(block)
         block.to(device)
         if prepare_block is not None:
@@ -201,16 +228,24 @@ def quantize_blocks(
         if not cfg.active:
             block.to(home)
             continue
+        distributed.broadcast_module_(block)  # ranks start every block from identical weights
         set_act_quant(block, asymmetric)
         fp_block = None
         if asymmetric:
             fp_block = copy.deepcopy(block)
             set_act_quant(fp_block, False)
-        block_records = []
+        block_records, block_results = [], {}
+        times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
         for group in sublayer_groups(block):
+            t0 = _now(device)
             stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric) \
                 if needs_data else {}
-            for name in group:
+            t1 = _now(device)
+            times["capture_s"] += t1 - t0
+            mine = {}
+            for j, name in enumerate(group):
+                if distributed.owner(j) != distributed.rank():
+                    continue
                 t0 = time.time()
                 lin = _weight_module(block.get_submodule(name))
                 W = lin.weight.data
@@ -222,10 +257,16 @@ def quantize_blocks(
                     rec.update(solvers.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
                 W.copy_(res.weight.to(W.dtype))
                 rec["seconds"] = round(time.time() - t0, 4)
+                mine[name] = (rec, res if on_quantized is not None else None)
+            del stats
+            for name, (rec, res) in _share_solved(block, group, mine).items():
                 block_records.append(rec)
                 if on_quantized is not None:
                     on_quantized(i, name, res)
-            del stats
+                    if resume is not None:
+                        block_results[name] = res
+            times["solve_s"] += _now(device) - t1
+        t0 = _now(device)
         with torch.no_grad():
             for b in range(len(xq)):
                 xq[b] = _to(_output(run_block(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
@@ -233,12 +274,65 @@ def quantize_blocks(
                     xfp[b] = _to(_output(run_block(fp_block, xfp[b].to(device, non_blocking=True))),
                                  stream_device, pin)
         del fp_block
+        times["forward_s"] += _now(device) - t0
+        if block_times is not None:
+            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
+        records.extend(block_records)
+        if resume is not None:
+            resume.save_block(i, {r["name"]: _weight_module(block.get_submodule(r["name"])).weight
+                                  for r in block_records}, block_results if on_quantized is not None else None)
+            last = i + 1 == len(blocks)  # no block reads the last block's outputs
+            resume.commit(i + 1, [] if last else xq, [] if last else xfp, records)
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        records.extend(block_records)
-        log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
+        if distributed.is_main():
+            log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
     return records
+
+
+def _now(device: torch.device) -> float:
+    """perf_counter after the device's queued work has finished (phase timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _share_solved(block: nn.Module, group: list[str], mine: dict[str, tuple]) -> dict[str, tuple]:
+    """{name: (record, QuantResult or None)} of the whole group, in group order, on every rank: each solved weight
+    is broadcast from the rank that solved it (`distributed.owner`), records and results are gathered."""
+    if distributed.world_size() == 1:
+        return mine
+    for j, name in enumerate(group):
+        distributed.broadcast_(_weight_module(block.get_submodule(name)).weight.data, distributed.owner(j))
+    cpu = {n: (rec, None if res is None else _result_to_cpu(res)) for n, (rec, res) in mine.items()}
+    solved = {}
+    for part in distributed.all_gather_object(cpu):
+        solved.update(part)
+    return {name: solved[name] for name in group}
+
+
+def _result_to_cpu(res: solvers.QuantResult) -> solvers.QuantResult:
+    return solvers.QuantResult(**{f: v.cpu() if isinstance(v, torch.Tensor) else v for f, v in vars(res).items()})
+
+
+def _restore_block(resume: ResumeState, i: int, block: nn.Module, prepare_block, asymmetric: bool,
+                   on_quantized) -> None:
+    """A block finished by an earlier run: wrap it as the run did, load its saved quantized weights and replay
+    on_quantized from the saved results."""
+    if prepare_block is not None:
+        prepare_block(block)
+    set_act_quant(block, asymmetric)
+    weights, results = resume.load_block(i)
+    with torch.no_grad():
+        for name, w in weights.items():
+            _weight_module(block.get_submodule(name)).weight.copy_(w)
+    if on_quantized is not None:
+        if results is None:
+            raise ResumeError(f"--resume: block {i} was saved without the quantization results an export needs; "
+                              f"delete {resume.directory} and run again")
+        for name, res in results.items():
+            on_quantized(i, name, res)
 
 
 def _fmt(rec: dict) -> str:

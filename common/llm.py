@@ -20,8 +20,9 @@ from .act_quant import ActQuantizer, wrap_linears
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "looks_like_path", "read_config",
            "check_config", "linear_in_features", "load_model", "load_tokenizer", "decoder_layers",
            "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
-           "capture_layer_inputs", "install_quantizers", "check_save_target", "save_quantized", "read_quant_spec",
-           "load_quantized", "distribute_model", "head_dim"]
+           "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
+           "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
+           "make_rebuild_layer", "distribute_model", "head_dim"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -217,15 +218,21 @@ QUANT_FILE = "gptaq_quant.json"
 QUANT_FORMAT = 1
 
 
-def install_quantizers(model: nn.Module, act: ActQuantSettings, kv) -> None:
-    """KV-cache quantizers / R3 (`common.kv_quant.KVQuantConfig`) and activation quantizers on every decoder
-    linear, all switched on.  Call after any rotation (the down_proj wrapper keeps its online Hadamard)."""
+def install_layer_quantizers(layer: nn.Module, act: ActQuantSettings, kv) -> None:
+    """install_quantizers for one decoder layer (what the streaming pipeline does as each layer is loaded)."""
     from .act_quant import set_act_quant
     from .kv_quant import add_kv_quantization
 
-    add_kv_quantization(model, kv)
-    add_act_quant(model, act)
-    set_act_quant(model, True)
+    add_kv_quantization(layer, kv)
+    make_prepare_layer(act)(layer)
+    set_act_quant(layer, True)
+
+
+def install_quantizers(model: nn.Module, act: ActQuantSettings, kv) -> None:
+    """KV-cache quantizers / R3 (`common.kv_quant.KVQuantConfig`) and activation quantizers on every decoder
+    linear, all switched on.  Call after any rotation (the down_proj wrapper keeps its online Hadamard)."""
+    for layer in decoder_layers(model):
+        install_layer_quantizers(layer, act, kv)
 
 
 def check_save_target(path: str, flag: str = "--save_qmodel_path") -> None:
@@ -264,20 +271,32 @@ def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict) -> None:
                 _set_submodule(model, name, w)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        rotation = getattr(model.config, "gptaq_rotation", None)
-        record = {"format": QUANT_FORMAT, "rotation": rotation, **spec}
-        with open(os.path.join(tmp, QUANT_FILE), "w") as f:
-            json.dump(record, f, indent=2, default=str)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        write_quant_file(tmp, model.config, spec)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_quant_file(directory: str, config, spec: dict) -> None:
+    """QUANT_FILE = {format, rotation (config.gptaq_rotation), **spec} in `directory`."""
+    record = {"format": QUANT_FORMAT, "rotation": getattr(config, "gptaq_rotation", None), **spec}
+    with open(os.path.join(directory, QUANT_FILE), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+
+
+def publish_directory(tmp: str, path: str) -> None:
+    """Move the finished directory `tmp` to `path` (a sibling), replacing an earlier one there."""
+    import shutil
+    import tempfile
+
+    if os.path.isdir(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+        os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -301,16 +320,28 @@ def read_quant_spec(path: str) -> dict:
 def load_quantized(path: str, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by save_quantized: weights, online Hadamards (R4 on down_proj), KV / activation
     quantizers, all switched on.  dtype None = the saved dtype.  Returns (model, spec)."""
-    from .kv_quant import KVQuantConfig
-    from .rotation import install_online_hadamards
-
     spec = read_quant_spec(path)
     model = load_model(path, dtype or spec.get("dtype") or "float16")
-    rotation = spec.get("rotation")
-    if rotation and rotation.get("online_r4"):
-        install_online_hadamards(model, fp32_had=bool(rotation.get("fp32_had")))
-    install_quantizers(model, ActQuantSettings(**spec["act_quant"]), KVQuantConfig(**spec["kv_quant"]))
+    rebuild = make_rebuild_layer(spec)
+    for layer in decoder_layers(model):
+        rebuild(layer)
     return model, spec
+
+
+def make_rebuild_layer(spec: dict) -> Callable[[nn.Module], None]:
+    """rebuild(layer): what a saved decoder layer needs besides its weights (QUANT_FILE `spec`): the online R4
+    Hadamard on down_proj if the model was rotated, then its KV-cache and activation quantizers, all switched on."""
+    from .kv_quant import KVQuantConfig
+    from .rotation import install_online_hadamard
+
+    rotation = spec.get("rotation") or {}
+    act, kv = ActQuantSettings(**spec["act_quant"]), KVQuantConfig(**spec["kv_quant"])
+
+    def rebuild(layer: nn.Module) -> None:
+        if rotation.get("online_r4"):
+            install_online_hadamard(layer, fp32_had=bool(rotation.get("fp32_had")))
+        install_layer_quantizers(layer, act, kv)
+    return rebuild
 
 
 def distribute_model(model: nn.Module) -> torch.device:

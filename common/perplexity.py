@@ -7,13 +7,17 @@ over B windows of L tokens, each window scored independently (no context carried
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["perplexity", "window_nll"]
+__all__ = ["perplexity", "window_nll", "OpenLayer"]
+
+OpenLayer = Callable[[int, nn.Module], AbstractContextManager]
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -69,14 +73,31 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@contextmanager
+def _moved(layer: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The layer on `device` for the duration, then back where it was."""
+    home = _module_device(layer)
+    layer.to(device)
+    try:
+        yield layer
+    finally:
+        if home is not None:
+            layer.to(home)
+
+
 @torch.no_grad()
-def _layerwise(model: nn.Module, batches: list[torch.Tensor], device: torch.device, desc: str) -> float:
+def _layerwise(model: nn.Module, batches: list[torch.Tensor], device: torch.device, desc: str,
+               open_layer: OpenLayer | None = None) -> float:
     """Embedding -> each decoder layer on `device` in turn -> norm -> lm_head; the model may live on the CPU.
 
     The per-layer inputs (causal masks, rotary position embeddings, ...) are built by the installed modeling code
     itself: every decoder layer is temporarily replaced by a recorder and the backbone is run once per batch.
-    All batches' hidden states are kept on `device`.
+    All batches' hidden states are kept on `device`.  open_layer(i, layer): a context manager giving decoder layer i
+    ready to run on `device` (default: the layer itself, moved there and back; common.streaming reads it from disk).
     """
+    if open_layer is None:
+        def open_layer(i: int, layer: nn.Module):
+            return _moved(layer, device)
     backbone, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or head is None:
@@ -100,12 +121,9 @@ def _layerwise(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
     hidden = [r[0] for r in records[0]]
     try:
         for i, layer in enumerate(tqdm(originals, desc=f"{desc} (layers)")):
-            home = _module_device(layer)
-            layer.to(device)
-            for b, (_, args, kwargs) in enumerate(records[i]):
-                hidden[b] = _layer_out(layer(hidden[b], *args, **kwargs))
-            if home is not None:
-                layer.to(home)
+            with open_layer(i, layer) as live:
+                for b, (_, args, kwargs) in enumerate(records[i]):
+                    hidden[b] = _layer_out(live(hidden[b], *args, **kwargs))
             records[i] = None  # release this layer's masks / position embeddings
         head.to(device)
         total = 0.0
@@ -121,12 +139,14 @@ def _layerwise(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, *, bsz: int = 1, device: torch.device | str = "cpu",
-               layerwise: bool = False, desc: str = "ppl") -> float:
+               layerwise: bool = False, desc: str = "ppl", open_layer: OpenLayer | None = None) -> float:
     """exp(mean next-token NLL) over `windows` [nwindows, seqlen] (LongTensor), scored `bsz` windows at a time.
 
     layerwise=False: the model must already sit on `device` (inputs are moved there).
     layerwise=True: a Llama-like model on any device (e.g. CPU) is run one decoder layer at a time on `device`,
     and left where it was. Wrapped linears (any nn.Module) are fine either way.
+    open_layer(i, layer) (implies layerwise): context manager yielding decoder layer i ready to run on `device`,
+    for models whose layers are not in memory (`common.streaming.open_quantized`).
     """
     _check(windows, bsz)
     device = torch.device(device)
@@ -134,7 +154,10 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, bsz: int = 1, device:
     was_training = model.training
     model.eval()
     try:
-        total = (_layerwise if layerwise else _plain)(model, batches, device, desc)
+        if layerwise or open_layer is not None:
+            total = _layerwise(model, batches, device, desc, open_layer)
+        else:
+            total = _plain(model, batches, device, desc)
     finally:
         model.train(was_training)
     return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))

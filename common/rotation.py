@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 from .act_quant import ActQuantLinear
 from .hadamard import OnlineHadamard, hadamard_transform, random_hadamard_matrix, random_orthogonal_matrix
+from .llm import head_dim
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ROTATION_MODES", "check_supported", "untie_word_embeddings", "fuse_norms",
-           "rotate_model", "install_online_hadamards", "quarot_rotate"]
+           "fuse_layer_norms", "fuse_final_norm", "rotate_model", "check_rotations", "rotate_embeddings",
+           "rotate_layer", "install_online_hadamard", "install_online_hadamards", "quarot_matrices", "quarot_rotate",
+           "rotation_record"]
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 ROTATION_MODES = ("hadamard", "random")
@@ -89,16 +92,28 @@ def _fuse(norm: nn.Module, readers: list[nn.Module]) -> None:
 
 
 @torch.no_grad()
+def fuse_layer_norms(layer: nn.Module) -> None:
+    """One decoder layer's part of fuse_norms: input_layernorm -> q, k, v; post_attention_layernorm -> gate, up."""
+    attn, mlp = layer.self_attn, layer.mlp
+    _fuse(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+    _fuse(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module) -> None:
+    """The part of fuse_norms outside the decoder layers: untie the embeddings, final norm -> lm_head."""
+    untie_word_embeddings(model)
+    _fuse(model.model.norm, [model.get_output_embeddings()])
+
+
+@torch.no_grad()
 def fuse_norms(model: nn.Module) -> None:
     """Fold every RMSNorm scale into the linears reading it (input_layernorm -> q, k, v; post_attention_layernorm ->
     gate, up; final norm -> lm_head) and set the scales to 1.  Unties tied embeddings first.  Idempotent."""
     check_supported(model)
-    untie_word_embeddings(model)
+    fuse_final_norm(model)
     for layer in _layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        _fuse(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        _fuse(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-    _fuse(model.model.norm, [model.get_output_embeddings()])
+        fuse_layer_norms(layer)
 
 
 def _check_rotation(R: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -117,19 +132,86 @@ def _head_dim(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def install_online_hadamard(layer: nn.Module, fp32_had: bool = False) -> None:
+    """Put the online R4 (x -> x H^T) in front of one decoder layer's down_proj (wrapped in ActQuantLinear if
+    needed).  Touches no weight."""
+    mlp = layer.mlp
+    transform = OnlineHadamard(_linear(mlp.down_proj).in_features, fp32_had=fp32_had)
+    if isinstance(mlp.down_proj, ActQuantLinear):
+        mlp.down_proj.pre_transform = transform
+    else:
+        mlp.down_proj = ActQuantLinear(mlp.down_proj, pre_transform=transform)
+
+
+@torch.no_grad()
 def install_online_hadamards(model: nn.Module, fp32_had: bool = False) -> None:
-    """Put the online R4 (x -> x H^T) in front of every down_proj, wrapping it in ActQuantLinear if needed.
+    """install_online_hadamard on every decoder layer.
 
     Touches no weight: use it to rebuild a model whose saved down_proj weights already hold the folded H^T.
     """
     check_supported(model)
     for layer in _layers(model):
-        mlp = layer.mlp
-        transform = OnlineHadamard(_linear(mlp.down_proj).in_features, fp32_had=fp32_had)
-        if isinstance(mlp.down_proj, ActQuantLinear):
-            mlp.down_proj.pre_transform = transform
-        else:
-            mlp.down_proj = ActQuantLinear(mlp.down_proj, pre_transform=transform)
+        install_online_hadamard(layer, fp32_had=fp32_had)
+
+
+def check_rotations(model: nn.Module, R1: torch.Tensor, R2: torch.Tensor | list[torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Validate R1 [hidden, hidden] and R2 (one [head_dim, head_dim] for all layers, one per layer, or None) for
+    `model` (its weights may still be on the meta device); returns float64 CPU copies, R2 as one entry per layer.
+    Raises ValueError for an unsupported or already rotated model, a wrong shape or a non-orthogonal matrix."""
+    check_supported(model)
+    if getattr(model.config, CONFIG_KEY, None):
+        raise ValueError(f"rotate_model: the model is already rotated ({getattr(model.config, CONFIG_KEY)})")
+    layers = _layers(model)
+    R1 = _check_rotation(R1, model.config.hidden_size, "R1")
+    if R2 is None or isinstance(R2, torch.Tensor):
+        R2s = [R2] * len(layers)
+    else:
+        R2s = list(R2)
+        if len(R2s) != len(layers):
+            raise ValueError(f"rotate_model: R2 list has {len(R2s)} matrices for {len(layers)} layers")
+    head_dim = _head_dim(model)
+    return R1, [None if r is None else _check_rotation(r, head_dim, f"R2[{i}]") for i, r in enumerate(R2s)]
+
+
+@torch.no_grad()
+def rotate_embeddings(model: nn.Module, R1: torch.Tensor) -> None:
+    """The part of the rotation outside the decoder layers: fuse the final norm into lm_head (untying it from the
+    embedding), then E <- E R1 and lm_head <- lm_head R1."""
+    fuse_final_norm(model)
+    _right(model.get_input_embeddings().weight.data, R1)
+    _right(_linear(model.get_output_embeddings()).weight.data, R1)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, R1: torch.Tensor, R2: torch.Tensor | None, *, online_r4: bool = True,
+                 fp32_had: bool = False) -> None:
+    """One decoder layer's part of rotate_model: fuse its norms, fold R1 (q, k, v, gate, up: W R1; o, down: R1^T W
+    and R1^T b), R2 per value head (R2^T W_v, W_o R2) and, with online_r4, W_down H^T plus the online Hadamard."""
+    fuse_layer_norms(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        _right(_linear(m).weight.data, R1)
+    for m in (attn.o_proj, mlp.down_proj):
+        lin = _linear(m)
+        _left_t(lin.weight.data, R1)
+        if lin.bias is not None:
+            _left_t(lin.bias.data[:, None], R1)
+    if R2 is not None:
+        head_dim = attn.head_dim
+        v, o = _linear(attn.v_proj), _linear(attn.o_proj)
+        _right(v.weight.data.view(-1, head_dim, v.in_features).transpose(1, 2), R2)  # per head R2^T W_i
+        if v.bias is not None:
+            _right(v.bias.data.view(-1, head_dim), R2)
+        _right(o.weight.data.view(-1, head_dim), R2)  # o columns per head: W_o,i R2
+    if online_r4:
+        _transform_rows(_linear(mlp.down_proj).weight.data, hadamard_transform)  # W H^T
+        install_online_hadamard(layer, fp32_had=fp32_had)
+
+
+def rotation_record(mode: str, seed: int | None, online_r4: bool, fp32_had: bool) -> dict:
+    """What model.config.gptaq_rotation holds after a rotation (saved with the model, read back to rebuild it)."""
+    return {"mode": mode, "seed": seed, "online_r4": online_r4, "fp32_had": fp32_had}
 
 
 @torch.no_grad()
@@ -141,55 +223,27 @@ def rotate_model(model: nn.Module, R1: torch.Tensor, R2: torch.Tensor | list[tor
 
     mode / seed only go into model.config.gptaq_rotation = {mode, seed, online_r4, fp32_had}.
     """
-    check_supported(model)
-    if getattr(model.config, CONFIG_KEY, None):
-        raise ValueError(f"rotate_model: the model is already rotated ({getattr(model.config, CONFIG_KEY)})")
-    layers = _layers(model)
-    hidden, head_dim = model.config.hidden_size, _head_dim(model)
-    R1 = _check_rotation(R1, hidden, "R1")
-    if R2 is None or isinstance(R2, torch.Tensor):
-        R2s = [R2] * len(layers)
-    else:
-        R2s = list(R2)
-        if len(R2s) != len(layers):
-            raise ValueError(f"rotate_model: R2 list has {len(R2s)} matrices for {len(layers)} layers")
-    R2s = [None if r is None else _check_rotation(r, head_dim, f"R2[{i}]") for i, r in enumerate(R2s)]
-
-    fuse_norms(model)
-    emb = model.get_input_embeddings()
-    _right(emb.weight.data, R1)
-    _right(_linear(model.get_output_embeddings()).weight.data, R1)
-    for i, layer in enumerate(tqdm(layers, desc="rotate", disable=not progress)):
-        attn, mlp = layer.self_attn, layer.mlp
-        for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _right(_linear(m).weight.data, R1)
-        for m in (attn.o_proj, mlp.down_proj):
-            lin = _linear(m)
-            _left_t(lin.weight.data, R1)
-            if lin.bias is not None:
-                _left_t(lin.bias.data[:, None], R1)
-        if R2s[i] is not None:
-            R2 = R2s[i]
-            v, o = _linear(attn.v_proj), _linear(attn.o_proj)
-            _right(v.weight.data.view(-1, head_dim, v.in_features).transpose(1, 2), R2)  # per head R2^T W_i
-            if v.bias is not None:
-                _right(v.bias.data.view(-1, head_dim), R2)
-            _right(o.weight.data.view(-1, head_dim), R2)  # o columns per head: W_o,i R2
-        if online_r4:
-            _transform_rows(_linear(mlp.down_proj).weight.data, hadamard_transform)  # W H^T
-    if online_r4:
-        install_online_hadamards(model, fp32_had=fp32_had)
-    setattr(model.config, CONFIG_KEY, {"mode": mode, "seed": seed, "online_r4": online_r4, "fp32_had": fp32_had})
+    R1, R2s = check_rotations(model, R1, R2)
+    rotate_embeddings(model, R1)
+    for i, layer in enumerate(tqdm(_layers(model), desc="rotate", disable=not progress)):
+        rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
+    setattr(model.config, CONFIG_KEY, rotation_record(mode, seed, online_r4, fp32_had))
 
 
-def quarot_rotate(model: nn.Module, mode: str = "hadamard", seed: int = 0, fp32_had: bool = False,
-                  progress: bool = False) -> None:
-    """QuaRot: R1 and one shared R2 drawn from `seed` (random Hadamard, or random orthogonal with mode "random"),
-    folded by rotate_model with the online R4."""
-    check_supported(model)
+def quarot_matrices(config, mode: str = "hadamard", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """QuaRot's R1 [hidden, hidden] and shared R2 [head_dim, head_dim] drawn from `seed` (R2 from seed + 1):
+    random Hadamard, or random orthogonal with mode "random".  Needs only the model's config."""
     if mode not in ROTATION_MODES:
         raise ValueError(f"rotation mode must be one of {ROTATION_MODES}, got {mode!r}")
     make = random_hadamard_matrix if mode == "hadamard" else random_orthogonal_matrix
-    R1 = make(model.config.hidden_size, seed)
-    R2 = make(_head_dim(model), seed + 1)
-    rotate_model(model, R1, R2, online_r4=True, fp32_had=fp32_had, mode=mode, seed=seed, progress=progress)
+    return make(config.hidden_size, seed), make(head_dim(config), seed + 1)
+
+
+def quarot_rotate(model: nn.Module, mode: str = "hadamard", seed: int = 0, fp32_had: bool = False,
+                  progress: bool = False, online_r4: bool = True) -> None:
+    """QuaRot: R1 and one shared R2 drawn from `seed` (random Hadamard, or random orthogonal with mode "random"),
+    folded by rotate_model with the online R4 (online_r4=False: R1/R2 only, a plain architecture, e.g. for a
+    weight-only export)."""
+    check_supported(model)
+    R1, R2 = quarot_matrices(model.config, mode, seed)
+    rotate_model(model, R1, R2, online_r4=online_r4, fp32_had=fp32_had, mode=mode, seed=seed, progress=progress)

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="device for the layer being processed and for evaluation "
                                                   "(default: cuda if available, else cpu)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and torch")
+    g.add_argument("--stream", action="store_true",
+                   help="read the decoder layers one at a time from the safetensors checkpoint, write each quantized "
+                        "layer to --save_qmodel_path (default: <output_dir>/stream_qmodel, deleted after the "
+                        "evaluation) and evaluate streaming from there: host memory holds about one layer; "
+                        "with --load_qmodel_path: evaluate the saved model streaming")
     g.add_argument("--distribute", action="store_true",
                    help="spread the model over all visible GPUs (accelerate device_map) for evaluation; "
                         "no-op with a warning on CPU or with a single GPU")
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seqlen", type=_positive, default=2048, help="calibration / evaluation sequence length")
     g.add_argument("--cal_dataset", default="wikitext2", help="calibration data: a dataset name or a local file")
     g.add_argument("--eval_dataset", default="wikitext2", help="perplexity data: a dataset name or a local file")
+    g.add_argument("--eval_limit", type=_positive, default=None,
+                   help="perplexity on the first N evaluation windows only (default: all; for quick runs)")
     g.add_argument("--bsz", type=_positive, default=1, help="batch size of calibration forwards and perplexity")
     g.add_argument("--offload_inputs", action="store_true",
                    help="keep the calibration streams on CPU between layers (saves GPU memory)")
@@ -157,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_qmodel_path", default=None,
                    help="evaluate a model saved with --save_qmodel_path without re-quantizing "
                         "(quantization flags come from the saved settings)")
+    g.add_argument("--resume", action="store_true",
+                   help="checkpoint after every decoder layer in <output_dir>/resume and continue from the last "
+                        "finished layer when a checkpoint of the same configuration is there")
+    from common.export import CHECKPOINT_FORMATS
+
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the weight-only quantized model here as a standard GPTQ checkpoint (qweight, "
+                        "qzeros, scales, g_idx; --w_bits 2/3/4/8, no activation/KV quantization; with --rotate "
+                        "R1/R2 are folded into the weights and no online Hadamard is used)")
+    g.add_argument("--export_format", choices=CHECKPOINT_FORMATS, default="gptq",
+                   help="--export zero points: gptq (v1, stores zero - 1; most loaders) or gptq_v2 (stores zero)")
     return p
 
 
@@ -190,6 +208,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--load_qmodel_path: {a.load_qmodel_path} has no {QUANT_FILE} (not saved with --save_qmodel_path)")
         if a.save_qmodel_path is not None:
             p.error("--save_qmodel_path and --load_qmodel_path cannot be combined")
+        if a.resume:
+            p.error("--resume continues a quantization run; it cannot be combined with --load_qmodel_path")
     elif a.model is None:
         p.error("--model is required (a hub id or a local model directory)")
     if a.model is not None:
@@ -205,6 +225,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--gptaq_exact needs --gptaq")
     if a.static_groups and a.w_groupsize == -1:
         p.error("--static_groups needs --w_groupsize > 0")
+    _check_stream(p, a)
     if a.lm_eval:
         from common.lm_eval_runner import validate_tasks
 
@@ -227,9 +248,76 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--device {a.device}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         p.error(f"--device {a.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    _check_torchrun(p, a)
+    _check_export(p, a)
     if a.distribute and (dev.type != "cuda" or torch.cuda.device_count() < 2):
         warnings.warn("--distribute needs at least two visible GPUs; evaluating on a single device instead")
         a.distribute = False
+
+
+def _check_torchrun(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1) every rank needs a calibration batch, uses cuda:LOCAL_RANK, and evaluates on
+    rank 0 only (no --distribute)."""
+    from common import distributed
+
+    if not distributed.launched():
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if a.distribute:
+        p.error("--distribute (one process over several GPUs) cannot be combined with a torchrun launch")
+    if a.load_qmodel_path is not None:
+        p.error("--load_qmodel_path only evaluates (one process); run it without torchrun")
+    if a.device.startswith("cuda:"):
+        p.error(f"--device {a.device}: with torchrun pass --device cuda (rank r uses cuda:LOCAL_RANK)")
+    batches = -(-a.nsamples // a.bsz)
+    if a.w_bits < 16 and not a.w_rtn and batches < world:
+        p.error(f"--nsamples {a.nsamples} with --bsz {a.bsz} gives {batches} calibration batches, fewer than the "
+                f"{world} torchrun processes")
+
+
+def _check_stream(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--stream keeps no whole model in memory: perplexity only, one process."""
+    if not a.stream:
+        return
+    from common import distributed
+
+    if a.lm_eval or a.distribute:
+        p.error(f"--stream evaluates perplexity only (it never holds the whole model); for --"
+                f"{'lm_eval' if a.lm_eval else 'distribute'} save it with --save_qmodel_path and load that without "
+                "--stream")
+    for flag in ("resume", "export"):
+        if getattr(a, flag, None):
+            p.error(f"--stream cannot be combined with --{flag}")
+    if distributed.launched():
+        p.error("--stream runs in one process; it cannot be launched with torchrun")
+
+
+def _check_export(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--export writes a weight-only GPTQ checkpoint: 2/3/4/8-bit weights, nothing quantized online, a new or empty
+    target directory."""
+    if a.export is None:
+        return
+    from common.export import EXPORT_BITS, ExportError, check_export_target
+
+    if a.load_qmodel_path is not None:
+        p.error("--export packs the weights of a quantization run; it cannot be combined with --load_qmodel_path")
+    if a.stream:
+        p.error("--export packs the model held in memory; it cannot be combined with --stream")
+    if a.w_bits not in EXPORT_BITS:
+        p.error(f"--export needs --w_bits in {', '.join(map(str, EXPORT_BITS))}, got {a.w_bits}")
+    online = [f"--{f} {getattr(a, f)}" for f in ("a_bits", "k_bits", "v_bits") if getattr(a, f) < 16]
+    online += ["--int8_down_proj"] if a.int8_down_proj else []
+    if online and a.rotate:
+        p.error(f"--export with --rotate and {' '.join(online)}: activation / KV-cache quantization needs the "
+                "online R3/R4 Hadamards, which a GPTQ checkpoint cannot hold; export is weight-only (--rotate alone "
+                "folds R1/R2 into the weights)")
+    if online:
+        p.error(f"--export writes weight-only checkpoints; {' '.join(online)} (activation / KV-cache quantization) "
+                "cannot be stored in one")
+    try:
+        check_export_target(a.export)
+    except ExportError as e:
+        p.error(str(e))
 
 
 def validate_model_config(args: argparse.Namespace, config) -> None:
@@ -255,6 +343,13 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
         size = getattr(args, flag)
         if size > 0 and hd % size:
             raise SystemExit(f"error: --{flag} {size} does not divide head_dim {hd}")
+    if getattr(args, "export", None):
+        from common.export import ExportError, check_export_config
+
+        try:
+            check_export_config(config)
+        except ExportError as e:
+            raise SystemExit(f"error: {e}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

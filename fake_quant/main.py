@@ -3,16 +3,23 @@
 Pipeline: (optional) QuaRot rotation (norm fusion, R1/R2 folded, online R3 on q/k and R4 on down_proj) ->
 KV-cache and per-token activation quantizers on every decoder linear (lm_head stays 16-bit) -> weights solved layer
 by layer (common.driver): GPTQ min ||W X~ - Q X~||^2, GPTAQ min ||Q X~ - W X||^2 with the full-precision stream X
-carried alongside -> activation quantizers on -> evaluation.
+carried alongside -> activation quantizers on -> evaluation.  --export DIR also writes the weight-only result as a
+standard GPTQ checkpoint (common.export; fp16 scales, rotation without online R3/R4, so it is a plain model).
+--resume checkpoints after every decoder layer (common.resume); under torchrun the calibration batches are sharded
+over the processes (common.distributed) and rank 0 evaluates and writes the results.  --stream reads, quantizes and
+writes one decoder layer at a time and evaluates from the written checkpoint (common.streaming).
 
     python fake_quant/main.py --model meta-llama/Llama-2-7b-hf --rotate --w_bits 4 --a_bits 4 --k_bits 4 \
         --v_bits 4 --w_clip --a_clip_ratio 0.9 --k_clip_ratio 0.95 --v_clip_ratio 0.95 --gptaq
+    torchrun --nproc_per_node 2 fake_quant/main.py ...   (same flags; one GPU per process)
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -21,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import llm  # noqa: E402
+from common import distributed, llm, streaming  # noqa: E402
 from common.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results  # noqa: E402
 from fake_quant.args import method_name, parse_args, run_name, validate_model_config  # noqa: E402
 
@@ -52,13 +59,14 @@ def settings_from_args(args):
     method = method_name(args).removesuffix("_exact")
     wcfg = WeightQuantConfig(method=method, bits=args.w_bits, sym=not args.w_asym, mse=args.w_clip,
                              group_size=args.w_groupsize, act_order=args.act_order, static_groups=args.static_groups,
-                             percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact, order=args.order)
+                             percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact, order=args.order,
+                             scale_dtype=torch.float16 if args.export else None)  # export: bit-exact fp16 scales
     act = llm.ActQuantSettings(bits=args.a_bits, groupsize=args.a_groupsize, sym=not args.a_asym,
                                clip_ratio=args.a_clip_ratio, down_proj_bits=8 if args.int8_down_proj else None)
     kv = KVQuantConfig(k_bits=args.k_bits, k_groupsize=args.k_groupsize, k_sym=not args.k_asym,
                        k_clip_ratio=args.k_clip_ratio, k_pre_rope=args.k_pre_rope, v_bits=args.v_bits,
                        v_groupsize=args.v_groupsize, v_sym=not args.v_asym, v_clip_ratio=args.v_clip_ratio,
-                       rotate_qk=args.rotate, fp32_had=args.fp32_had)
+                       rotate_qk=args.rotate and not args.export, fp32_had=args.fp32_had)
     return wcfg, act, kv
 
 
@@ -66,32 +74,75 @@ def _batches(samples: list[torch.Tensor], bsz: int) -> list[torch.Tensor]:
     return [torch.cat(samples[i:i + bsz], dim=0) for i in range(0, len(samples), bsz)]
 
 
-def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device) -> list[dict]:
-    """Rotation, quantizers, then the layer-by-layer weight solve; leaves every quantizer on."""
+def resume_fingerprint(args, cal_samples: list[torch.Tensor]) -> dict:
+    """What a --resume checkpoint must share with this run: model, dtype, calibration tokens and batching, every
+    quantization and rotation setting (the rotation is rebuilt from --rotation_seed)."""
+    model = args.model if not os.path.exists(os.path.expanduser(args.model)) else \
+        os.path.abspath(os.path.expanduser(args.model))
+    tokens = hashlib.sha256(b"".join(t.numpy().tobytes() for t in cal_samples)).hexdigest()
+    return {"model": model, "dtype": args.dtype, "seed": args.seed, "seqlen": args.seqlen, "bsz": args.bsz,
+            "calibration_sha256": tokens, "export": bool(args.export),  # export: fp16 scales, no online R3/R4
+            **{k: getattr(args, k) for k in SAVED_FLAGS}}
+
+
+def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, resume=None,
+             on_quantized=None) -> list[dict]:
+    """Rotation, quantizers, then the layer-by-layer weight solve (this rank's share of the calibration batches
+    under torchrun; checkpointed into `resume`, a common.resume.ResumeState; each solved linear passed to
+    `on_quantized`); leaves every quantizer on.  With --export the rotation has no online R3/R4 (plain model)."""
     from common.act_quant import set_act_quant
     from common.driver import quantize_blocks
 
     if args.rotate:
         from common.rotation import quarot_rotate
 
-        quarot_rotate(model, mode=args.rotate_mode, seed=args.rotation_seed, fp32_had=args.fp32_had, progress=True)
+        quarot_rotate(model, mode=args.rotate_mode, seed=args.rotation_seed, fp32_had=args.fp32_had, progress=True,
+                      online_r4=not args.export)  # export: a plain model, no online R4
     llm.install_quantizers(model, act, kv)
     layers: list[dict] = []
     if wcfg.active:
         inputs = llm.LayerInputs()
         if wcfg.needs_data:
-            inputs = llm.capture_layer_inputs(model, _batches(cal_samples, args.bsz), device)
+            batches = distributed.shard(_batches(cal_samples, args.bsz))
+            inputs = llm.capture_layer_inputs(model, batches, device)
         layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
                                  wcfg, prepare_block=llm.make_prepare_layer(act), device=device,
-                                 offload_inputs=args.offload_inputs, desc="layer")
+                                 offload_inputs=args.offload_inputs, desc="layer", resume=resume,
+                                 on_quantized=on_quantized)
         del inputs
     set_act_quant(model, True)
     return layers
 
 
-def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer) -> tuple[dict, dict]:
-    """Perplexity (layer by layer on a GPU `device`; whole model with --distribute or on CPU) and lm-eval
-    (common.lm_eval_runner moves the model to `device` for the run)."""
+def quant_spec(args, wcfg, act, kv) -> dict:
+    """What a saved quantized model records about its quantization (gptaq_quant.json, next to the rotation)."""
+    return {"method": method_name(args), "dtype": args.dtype, "source_model": args.model, "act_quant": act.to_dict(),
+            "kv_quant": vars(kv).copy(), "weight_quant": vars(wcfg).copy(), "args": vars(args).copy()}
+
+
+def quantize_streamed(args, wcfg, act, kv, cal_samples, device: torch.device, tokenizer, path: str,
+                      block_times: list[dict] | None = None) -> list[dict]:
+    """--stream: `quantize`'s pipeline reading one decoder layer at a time from the safetensors checkpoint; the
+    quantized model is written to `path` (common.streaming).  block_times: see common.driver.quantize_blocks."""
+    from common.rotation import ROTATION_MODES
+
+    rotation = None
+    if args.rotate:
+        if args.rotate_mode not in ROTATION_MODES:
+            raise llm.LLMError(f"--stream folds QuaRot rotations ({', '.join(ROTATION_MODES)}), not {args.rotate_mode}")
+        rotation = streaming.Rotation.quarot(llm.read_config(args.model), args.rotate_mode, args.rotation_seed,
+                                             args.fp32_had)
+    return streaming.quantize_checkpoint(
+        args.model, path, dtype=args.dtype, wcfg=wcfg, act=act, kv=kv,
+        calibration=_batches(cal_samples, args.bsz) if wcfg.needs_data else [], device=device, rotation=rotation,
+        offload_inputs=args.offload_inputs, tokenizer=tokenizer, spec=quant_spec(args, wcfg, act, kv),
+        block_times=block_times)
+
+
+def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer,
+             open_layer=None) -> tuple[dict, dict]:
+    """Perplexity (layer by layer on a GPU `device`, or read from disk layer by layer with `open_layer` (--stream);
+    whole model with --distribute or on CPU) and lm-eval (common.lm_eval_runner moves the model to `device`)."""
     from common.perplexity import perplexity
 
     placed = False
@@ -101,7 +152,7 @@ def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: 
     ppl = {}
     with timer.phase("perplexity"):
         ppl[args.eval_dataset] = perplexity(model, eval_windows, bsz=args.bsz, device=device,
-                                            layerwise=not placed and device.type != "cpu")
+                                            layerwise=not placed and device.type != "cpu", open_layer=open_layer)
     log.info("perplexity (%s, seqlen %d): %.4f", args.eval_dataset, args.seqlen, ppl[args.eval_dataset])
     tasks = {}
     if args.lm_eval:
@@ -140,6 +191,21 @@ def _table_row(result: dict) -> dict:
     return row
 
 
+def export_checkpoint(model, tokenizer, args, packed: dict) -> None:
+    """--export: the weight-only model as a GPTQ checkpoint (common.export) from the linears packed while solving."""
+    from common.export import export_gptq
+
+    path = export_gptq(model, packed, args.export, bits=args.w_bits, group_size=args.w_groupsize,
+                       sym=not args.w_asym, desc_act=args.act_order and not args.w_rtn,
+                       static_groups=args.static_groups, damp_percent=args.percdamp,
+                       checkpoint_format=args.export_format, tokenizer=tokenizer, method=method_name(args))
+    log.info("exported the %d-bit GPTQ checkpoint (%s format) to %s", args.w_bits, args.export_format, path)
+
+
+def _output_dir(args) -> str:
+    return args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
+
+
 def run(args) -> dict:
     from common.data import get_calibration_data, get_eval_data
 
@@ -149,6 +215,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     wcfg, act, kv = settings_from_args(args)
     layers: list[dict] = []
+    open_layer = scratch = None  # --stream: reads decoder layers from disk; scratch = its temporary checkpoint
 
     if args.load_qmodel_path:
         src = args.load_qmodel_path
@@ -160,9 +227,12 @@ def run(args) -> dict:
                 setattr(args, key, saved[key])
         tokenizer = llm.load_tokenizer(src)
         with timer.phase("data"), _data_errors():
-            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)
+            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
         with timer.phase("load"):
-            model, spec = llm.load_quantized(src, args.dtype)
+            if args.stream:
+                model, open_layer, spec = streaming.open_quantized(src, device, args.dtype)
+            else:
+                model, spec = llm.load_quantized(src, args.dtype)
         args.dtype = str(model.dtype).removeprefix("torch.")
         quant = {"method": spec.get("method"), **{k: getattr(args, k) for k in ("w_bits", "a_bits", "k_bits",
                                                                                    "v_bits", "rotate")}}
@@ -176,32 +246,58 @@ def run(args) -> dict:
         with timer.phase("data"), _data_errors():
             cal = get_calibration_data(args.cal_dataset, tokenizer, args.nsamples, args.seqlen, args.seed) \
                 if wcfg.needs_data else []
-            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)
-        with timer.phase("load"):
-            model = llm.load_model(args.model, args.dtype)
-        with timer.phase("quantize"):
-            layers = quantize(model, args, wcfg, act, kv, cal, device)
+            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
+        resume = None
+        if args.resume:
+            from common.resume import ResumeState
+
+            resume = ResumeState(os.path.join(_output_dir(args), "resume"), resume_fingerprint(args, cal))
+            log.info("--resume: %d layer(s) already done in %s", resume.check(), resume.directory)
+        if args.stream:
+            scratch = None if args.save_qmodel_path else os.path.join(_output_dir(args), "stream_qmodel")
+            target = args.save_qmodel_path or scratch
+            with timer.phase("quantize"):
+                layers = quantize_streamed(args, wcfg, act, kv, cal, device, tokenizer, target)
+            with timer.phase("load"):
+                model, open_layer, _ = streaming.open_quantized(target, device, args.dtype)
+        else:
+            with timer.phase("load"):
+                model = llm.load_model(args.model, args.dtype)
+            if args.export:
+                from common.export import GPTQCollector
+
+                collector = GPTQCollector(model, llm.decoder_layers(model), args.export_format)
+            with timer.phase("quantize"):
+                layers = quantize(model, args, wcfg, act, kv, cal, device, resume,
+                                  on_quantized=collector if args.export else None)
         del cal
+        if not distributed.is_main():  # rank 0 saves, evaluates and writes the results
+            return {"rank": distributed.rank(), "layers": layers}
         quant = {"method": method_name(args), "w_bits": args.w_bits, "a_bits": args.a_bits, "k_bits": args.k_bits,
                  "v_bits": args.v_bits, "rotate": args.rotate}
-        if args.save_qmodel_path:
+        if args.save_qmodel_path and not args.stream:
             with timer.phase("save"):
-                spec = {"method": method_name(args), "dtype": args.dtype, "source_model": args.model,
-                        "act_quant": act.to_dict(), "kv_quant": vars(kv).copy(), "weight_quant": vars(wcfg).copy(),
-                        "args": vars(args).copy()}
-                llm.save_quantized(model, tokenizer, args.save_qmodel_path, spec)
+                llm.save_quantized(model, tokenizer, args.save_qmodel_path, quant_spec(args, wcfg, act, kv))
+        if args.save_qmodel_path:
             log.info("saved the fake-quantized model to %s", args.save_qmodel_path)
+        if args.export:
+            with timer.phase("export"):
+                export_checkpoint(model, tokenizer, args, collector.packed)
         model_name = args.model
 
-    ppl, tasks = evaluate(model, tokenizer, args, eval_windows, device, timer)
+    try:
+        ppl, tasks = evaluate(model, tokenizer, args, eval_windows, device, timer, open_layer)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     result = {
         "model": model_name, "run": run_name(args), "config": vars(args).copy(), "quantization": quant,
         "seeds": {"seed": args.seed, "rotation_seed": args.rotation_seed},
         "perplexity": ppl, "lm_eval": tasks, "layers": layers,
         "time_s": timer.summary(), "peak_memory": peak_memory(), "device": str(device),
+        "world_size": distributed.world_size(),
     }
-    out_dir = args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
-    path = write_results(out_dir, result)
+    path = write_results(_output_dir(args), result)
     print(markdown_table([_table_row(result)], digits=3))
     print(f"wrote {path}")
     return result
@@ -211,13 +307,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from common.resume import ResumeError
     from common.solvers import SolverError
 
-    errors = (llm.LLMError, SolverError)
+    from common.export import ExportError
+
+    errors = (llm.LLMError, SolverError, ResumeError, ExportError)
     try:
+        args.device = str(distributed.init(args.device))
+        if not distributed.is_main():
+            logging.getLogger().setLevel(logging.WARNING)
         return run(args)
     except errors as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

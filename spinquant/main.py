@@ -75,11 +75,11 @@ def learned_rotation(rot: RotationSet, rotation_seed: int) -> Iterator[None]:
     original = rotation.quarot_rotate
 
     def spinquant_rotate(model, mode: str = "hadamard", seed: int = 0, fp32_had: bool = False,
-                         progress: bool = False) -> None:
+                         progress: bool = False, online_r4: bool = True) -> None:
         R2 = rot.R2
         if R2 is None:
             R2 = random_hadamard_matrix(model_dims(model.config)[1], rotation_seed + 1)
-        rotation.rotate_model(model, rot.R1, R2, online_r4=True, fp32_had=fp32_had, mode="spinquant", seed=None,
+        rotation.rotate_model(model, rot.R1, R2, online_r4=online_r4, fp32_had=fp32_had, mode="spinquant", seed=None,
                               progress=progress)
 
     rotation.quarot_rotate = spinquant_rotate

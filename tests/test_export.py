@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.export import export_gptq, pack_codes, pack_linear
+from common import llm
+from common.export import ExportError, GPTQCollector, check_export_config, export_gptq, pack_codes, pack_linear
 from common.solvers import gptq_quantize, gptaq_quantize, rtn_quantize
 
 
@@ -40,19 +41,30 @@ def problem(rows=64, cols=128, seed=0):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
 @pytest.mark.parametrize("mode", ["plain", "act_order", "act_order_static"])
-def test_unpacked_checkpoint_reproduces_fake_quant_weights_bit_exactly(bits, group_size, mode):
-    W, H, dXXT = problem(cols=256)
-    kw = dict(bits=bits, group_size=group_size, act_order=mode != "plain", static_groups=mode == "act_order_static",
-              sym=bits % 2 == 0, scale_dtype=torch.float16)
-    for res in (gptq_quantize(W, H, **kw), gptaq_quantize(W, H, dXXT, **kw)):
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_unpacked_checkpoint_reproduces_fake_quant_weights_bit_exactly(bits, group_size, mode, sym):
+    rows, cols = 32, 256
+    W, H, dXXT = problem(rows=rows, cols=cols)
+    kw = dict(bits=bits, group_size=group_size, sym=sym, scale_dtype=torch.float16)
+    act = dict(act_order=mode != "plain", static_groups=mode == "act_order_static" and group_size > 0)
+    results = [gptq_quantize(W, H, **kw, **act), gptaq_quantize(W, H, dXXT, **kw, **act)]
+    if mode == "plain":
+        results.append(rtn_quantize(W, **kw))
+    ngroups = 1 if group_size == -1 else cols // group_size
+    for res in results:
+        if mode == "act_order" and group_size > 0:
+            assert not torch.equal(res.g_idx, torch.arange(cols, dtype=res.g_idx.dtype) // group_size)  # permuted
         for fmt in ("gptq", "gptq_v2"):
             if fmt == "gptq" and bool((res.zeros == 0).any()):
+                with pytest.raises(ValueError, match="gptq_v2"):
+                    pack_linear(res, None, fmt)
                 continue
-            t = pack_linear(res, torch.randn(64), fmt)
-            assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (256 * bits // 32, 64)
-            ngroups = 1 if group_size == -1 else 256 // group_size
-            assert t["qzeros"].shape == (ngroups, 64 * bits // 32) and t["scales"].dtype == torch.float16
-            assert t["scales"].shape == (ngroups, 64) and t["g_idx"].shape == (256,)
+            t = pack_linear(res, torch.randn(rows), fmt)
+            assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (cols * bits // 32, rows)
+            assert t["qzeros"].dtype == torch.int32 and t["qzeros"].shape == (ngroups, rows * bits // 32)
+            assert t["scales"].dtype == torch.float16 and t["scales"].shape == (ngroups, rows)
+            assert t["g_idx"].dtype == torch.int32 and t["g_idx"].shape == (cols,)
+            assert t["bias"].dtype == torch.float16
             assert torch.equal(dequantize_checkpoint(t, bits, fmt), res.weight)
 
 
@@ -100,3 +112,70 @@ def test_export_directory_layout(tmp_path):
     assert torch.equal(dequantize_checkpoint(t, 4, "gptq"), results[name].weight)
     assert sd["model.embed_tokens.weight"].dtype == torch.float16
     assert not list(tmp_path.glob(".q.*"))  # no temporary folder left behind
+
+
+def _tiny_wrapped(tmp_path, **overrides):
+    """A tiny Llama with every decoder linear wrapped in ActQuantLinear (16-bit activations), as fake_quant has it,
+    and the RTN results of those linears collected by GPTQCollector."""
+    from fixtures import make_tiny_causal_lm
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_causal_lm("llama", tmp_path / "src", **overrides)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    llm.add_act_quant(model, llm.ActQuantSettings())
+    collector = GPTQCollector(model, llm.decoder_layers(model), "gptq")
+    for i, layer in enumerate(llm.decoder_layers(model)):
+        for group in llm.sublayer_groups(layer):
+            for name in group:
+                lin = layer.get_submodule(name).linear
+                res = rtn_quantize(lin.weight.float(), bits=4, group_size=32, sym=True, scale_dtype=torch.float16)
+                lin.weight.data.copy_(res.weight.half())
+                collector(i, name, res)
+    return model, collector
+
+
+def test_export_unwraps_fake_quant_model_and_drops_tied_head(tmp_path):
+    from safetensors.torch import load_file
+
+    model, collector = _tiny_wrapped(tmp_path, tie_word_embeddings=True)
+    assert set(collector.packed) == {f"model.layers.{i}.{n}" for i in range(2) for g in llm.LAYER_GROUPS for n in g}
+    out = export_gptq(model, collector.packed, tmp_path / "q", bits=4, group_size=32, sym=True, desc_act=False)
+    sd = load_file(str(out / "model.safetensors"))
+    assert not [k for k in sd if ".linear." in k] and "lm_head.weight" not in sd
+    assert sd["model.layers.1.self_attn.k_proj.qweight"].shape == (64 * 4 // 32, 32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and "gptaq_rotation" not in cfg
+    name = "model.layers.1.mlp.up_proj"
+    t = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(name + ".")}
+    assert torch.equal(dequantize_checkpoint(t, 4, "gptq").half(), model.get_submodule(name).weight)
+    assert (out / "config.json").stat().st_mode & 0o044 == 0o044  # readable like save_pretrained's output
+
+
+def test_export_refusals(tmp_path):
+    from transformers import LlamaConfig
+
+    from common.kv_quant import KVQuantConfig, add_kv_quantization
+    from common.rotation import install_online_hadamards
+
+    model, collector = _tiny_wrapped(tmp_path)
+    kw = dict(bits=4, group_size=32, sym=True, desc_act=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export_gptq(model, collector.packed, tmp_path / "full", **kw)
+    partial = dict(collector.packed)
+    partial.pop("model.layers.0.mlp.down_proj")
+    with pytest.raises(ExportError, match="model.layers.0.mlp.down_proj was not quantized"):
+        export_gptq(model, partial, tmp_path / "q1", **kw)
+    add_kv_quantization(model, KVQuantConfig(k_bits=4))
+    with pytest.raises(ExportError, match="KV-cache"):
+        export_gptq(model, collector.packed, tmp_path / "q2", **kw)
+    add_kv_quantization(model, KVQuantConfig())
+    install_online_hadamards(model)
+    with pytest.raises(ExportError, match="online transform"):
+        export_gptq(model, collector.packed, tmp_path / "q3", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "src"]  # nothing half-written
+    check_export_config(LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                    num_key_value_heads=3))  # SmolLM2-135M: fine
+    with pytest.raises(ExportError, match="multiples of 32"):
+        check_export_config(LlamaConfig(hidden_size=64, intermediate_size=80, num_attention_heads=4))
