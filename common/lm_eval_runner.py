@@ -1,8 +1,9 @@
-"""Zero-shot task accuracy of an in-memory model through lm-eval's Python API.
+"""Task scores of an in-memory model through lm-eval's Python API (zero- or few-shot).
 
 acc = (1/N) sum_n [argmax_c log p(choice_c | context_n) = target_n]; acc_norm is the same with the choice
-log-likelihood divided by its length in bytes. The average is over tasks of acc_norm where a task reports it,
-acc otherwise (the QuaRot convention).
+log-likelihood divided by its length in bytes. Generation tasks (GSM8K) report exact_match per answer filter
+(e.g. strict-match, flexible-extract). A task's score is acc_norm where it reports it, else acc (the QuaRot
+convention), else exact_match (strict-match filter first); the average is the mean of the task scores.
 """
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["run_lm_eval", "validate_tasks"]
+__all__ = ["run_lm_eval", "validate_tasks", "task_score"]
 
 METRICS = ("acc", "acc_norm")
+SCORE_ORDER = ("acc_norm", "acc", "exact_match", "exact_match,strict-match")  # a task's headline metric
+
+
+def task_score(metrics: dict[str, float]) -> float | None:
+    """The headline number of one task's metrics (see the module docstring); None for an empty dict."""
+    for name in SCORE_ORDER:
+        if name in metrics:
+            return metrics[name]
+    return next(iter(metrics.values()), None)
 
 
 def validate_tasks(tasks: list[str], include_path: str | Path | None = None):
@@ -54,27 +64,37 @@ def _summarize(results: dict, tasks: list[str]) -> dict[str, dict[str, float]]:
     for task in tasks:
         row = results.get(task, {})
         metrics = {m: float(row[f"{m},none"]) for m in METRICS if f"{m},none" in row}
+        for key, value in row.items():  # generation tasks: "exact_match,<filter>"
+            name, _, filt = key.partition(",")
+            if name == "exact_match" and isinstance(value, (int, float)):
+                metrics["exact_match" if filt in ("", "none") else f"exact_match,{filt}"] = float(value)
         if not metrics:
-            raise RuntimeError(f"lm-eval task '{task}' reported no acc/acc_norm (got {sorted(row)})")
+            raise RuntimeError(f"lm-eval task '{task}' reported no acc/acc_norm/exact_match (got {sorted(row)})")
         out[task] = metrics
-    scores = [m.get("acc_norm", m.get("acc")) for m in out.values()]
-    out["average"] = {"acc_or_acc_norm": sum(scores) / len(scores)}
+    scores = [task_score(m) for m in out.values()]
+    out["average"] = {"score": sum(scores) / len(scores)}
     return out
 
 
 def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], batch_size: int, device: torch.device | str,
                 limit: int | float | None = None, include_path: str | Path | None = None,
-                num_fewshot: int | None = None) -> dict[str, dict[str, float]]:
+                num_fewshot: int | None = None, chat_template: bool = False) -> dict[str, dict[str, float]]:
     """Run lm-eval `tasks` on `model` (moved to `device` for the run, then back) with `tokenizer`.
 
-    Returns {task: {"acc": .., "acc_norm": ..}} (the metrics the task reports) plus
-    {"average": {"acc_or_acc_norm": ..}}. `limit` caps the examples per task (int) or a fraction (float);
-    `include_path` is a directory of custom task YAMLs (e.g. a task over a local jsonl file).
+    Returns {task: {"acc": .., "acc_norm": .., "exact_match,<filter>": ..}} (the metrics the task reports) plus
+    {"average": {"score": ..}}. `limit` caps the examples per task (int) or a fraction (float);
+    `include_path` is a directory of custom task YAMLs (e.g. a task over a local jsonl file); `num_fewshot` sets
+    the examples in each prompt (None: the task's default); `chat_template` formats prompts with the tokenizer's
+    chat template, few-shot examples as earlier turns (lm-eval's apply_chat_template / fewshot_as_multiturn).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
         raise ValueError(f"limit must be a positive int (examples) or float fraction, got {limit!r}")
+    if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise ValueError(f"num_fewshot must be a non-negative int, got {num_fewshot!r}")
+    if chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat_template=True but the tokenizer has no chat template")
     manager = validate_tasks(tasks, include_path)
 
     import lm_eval
@@ -89,6 +109,8 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], batch_size: int, 
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                           task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          apply_chat_template=chat_template,
+                                          fewshot_as_multiturn=chat_template and bool(num_fewshot),
                                           verbosity="WARNING")
         except OSError as e:  # ConnectionError, hub/datasets "not found" errors are OSErrors
             raise RuntimeError(

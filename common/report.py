@@ -1,8 +1,8 @@
 """Aggregate results.json files (fake_quant, spinquant, vit_quant) into a markdown table, a CSV and PNG plots.
 
 One row per run: its identity (model, method, rotation, W/A/KV bits, group size), the settings that vary inside
-its table, and its metrics: ppl_<dataset> = exp(mean token NLL), acc_<task> = lm-eval acc_norm (acc where a task
-has no acc_norm) in %, acc_avg their mean, top1/top5 in %, quant_s = wall seconds of the quantization phase and
+its table, and its metrics: ppl_<dataset> = exp(mean token NLL), acc_<task> = lm-eval task score (acc_norm, else acc,
+else exact_match) in %, acc_avg their mean, top1/top5 in %, quant_s = wall seconds of the quantization phase and
 peak_gib = peak GPU memory (CUDA max allocated; process peak RSS on CPU).  With --paper, each number of
 scripts/paper_numbers.json is printed beside the matching runs, with ours - paper.  Plots (matplotlib, optional):
 the first metric against weight bits per method, and the per-layer proxy loss sum_linears (2/N)||(Q - W) X~||^2
@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from common.lm_eval_runner import task_score
 from common.results import markdown_table
 
 __all__ = ["ReportError", "load_rows", "row_from_record", "report_markdown", "rows_csv", "compare_with_paper",
@@ -88,8 +89,7 @@ def row_from_record(rec: dict, run: str = "", group: str = ".") -> dict | None:
         for task, scores in (rec.get("lm_eval") or {}).items():
             if not isinstance(scores, dict) or not scores:
                 continue
-            value = scores.get("acc_norm", scores.get("acc", next(iter(scores.values()))))
-            value = _num(value)
+            value = _num(task_score(scores))
             row["acc_avg" if task == "average" else f"acc_{task}"] = None if value is None else 100.0 * value
         seconds = rec.get("time_s") or {}
     elif "top1" in rec and "method" in rec:  # vit_quant/main.py

@@ -38,6 +38,7 @@ MAX_DAMP_RETRIES = 6
 BACKENDS = ("auto", "triton", "torch")  # column walk: Triton kernel (common/fused_solver.py) or the PyTorch loop
 MAX_WALK = 128  # most columns one column walk (kernel launch) covers
 PANEL = 2048  # panel width of the triangular products and the triangular inverse (measured best on an H100)
+CPU_PANEL = 128  # the same on CPU, where smaller GEMMs lose little and skipping U's zero blocks pays (2.5x at n=1536)
 # Opt-in: GPTAQ's P and its trailing GEMM in TF32 on CUDA (30% less time on 8192x28672, same asymmetric objective,
 # but 98.5-99.3% of codes equal a float64 solve's, against 99.89-99.92% for float32; bench/check_fused.py measures).
 P_TF32 = False
@@ -110,15 +111,15 @@ def _check_inputs(name: str, W: torch.Tensor, H: torch.Tensor | None, dXXT: torc
 # ------------------------------------------------------------------------------------------ preparation
 
 
-def _panel(n: int) -> int:
-    """Panel width of the triangular products below (large panels keep the GEMMs efficient)."""
-    return min(n, PANEL)
+def _panel(n: int, device: torch.device) -> int:
+    """Panel width of the triangular products below (large panels keep the GPU's GEMMs efficient)."""
+    return min(n, PANEL if device.type == "cuda" else CPU_PANEL)
 
 
 def _upper_inverse(R: torch.Tensor, panel: int | None = None) -> torch.Tensor:
     """R^-1 for upper-triangular R, by column panels: R[:j2, :j2] X = I[:j2, j1:j2] (n^3/3 flops, not n^3)."""
     n = R.shape[0]
-    b = panel or _panel(n)
+    b = panel or _panel(n, R.device)
     Rinv = torch.zeros(n, n, dtype=R.dtype, device=R.device)
     for j1 in range(0, n, b):
         j2 = min(j1 + b, n)
@@ -136,7 +137,7 @@ def _mm_upper(X: torch.Tensor, U: torch.Tensor, *, transpose: bool, strict_upper
     computes just the rows i < j2 of panel J and returns triu_1(X U^T).
     """
     n = U.shape[0]
-    b = panel or _panel(n)
+    b = panel or _panel(n, X.device)
     out = (torch.zeros if strict_upper_out else torch.empty)(X.shape[0], n, dtype=X.dtype, device=X.device)
     for j1 in range(0, n, b):
         j2 = min(j1 + b, n)
@@ -155,7 +156,7 @@ def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | 
     against 4n^3 for the two dense products.
     """
     n = U.shape[0]
-    b = panel or _panel(n)
+    b = panel or _panel(n, U.device)
     M = _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=b).mul_(alpha)
     P = torch.zeros_like(M)
     for i1 in range(0, n, b):
@@ -506,13 +507,16 @@ def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, dXXT: torch.Te
     loss:      tr((Q - W) H (Q - W)^T) = (2/N) ||(Q - W) X~||^2, GPTQ's objective.
     asym_loss: (2/N)(||Q X~ - W X||^2 - ||W (X - X~)||^2) = loss - 2 tr((Q - W) dXXT^T W^T), GPTAQ's
                objective less its Q-independent constant (comparable across methods; may be negative).
+    Products in float32 (float64 when W is float64), sums in float64: a log value, not worth float64 GEMMs.
     """
     with torch.no_grad():
-        D = (Q.double() - W.double())
-        Hd = H.double()
-        out = {"loss": float(torch.sum((D @ Hd) * D))}
+        dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+        Wd = W.to(dt)
+        D = Q.to(W.device, dt) - Wd
+        out = {"loss": float(torch.sum(((D @ H.to(W.device, dt)) * D).double()))}
         if dXXT is not None:
-            out["asym_loss"] = out["loss"] - 2.0 * float(torch.sum((D @ dXXT.double().T) * W.double()))
+            cross = torch.sum(((D @ dXXT.to(W.device, dt).T) * Wd).double())
+            out["asym_loss"] = out["loss"] - 2.0 * float(cross)
         return out
 
 

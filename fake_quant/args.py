@@ -66,6 +66,16 @@ def _positive(value: str) -> int:
     return n
 
 
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
 def _nonneg_float(value: str) -> float:
     try:
         x = float(value)
@@ -156,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lm_eval_include_path", default=None,
                    help="directory of custom lm-eval task YAMLs (e.g. tasks over local files, for offline use)")
     g.add_argument("--lm_eval_limit", type=_positive, default=None, help="lm-eval: at most this many examples per task")
+    g.add_argument("--lm_eval_num_fewshot", type=_nonneg_int, default=None,
+                   help="lm-eval: examples in each prompt (default: each task's own, 0 for the zero-shot tasks)")
+    g.add_argument("--lm_eval_chat_template", action="store_true",
+                   help="lm-eval: format prompts with the tokenizer's chat template, few-shot examples as turns")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=None, help="where results.json goes (default outputs/fake_quant/<run>)")
@@ -198,6 +212,7 @@ def run_name(args: argparse.Namespace) -> str:
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     from common.data import check_dataset_arg
+    from common.device import resolve_device
     from common.llm import looks_like_path
 
     if a.load_qmodel_path is not None:
@@ -226,6 +241,9 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.static_groups and a.w_groupsize == -1:
         p.error("--static_groups needs --w_groupsize > 0")
     _check_stream(p, a)
+    for flag in ("lm_eval_num_fewshot", "lm_eval_chat_template"):
+        if getattr(a, flag) not in (None, False) and not a.lm_eval:
+            p.error(f"--{flag} needs --lm_eval")
     if a.lm_eval:
         from common.lm_eval_runner import validate_tasks
 
@@ -238,16 +256,11 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             check_dataset_arg(getattr(a, flag), f"--{flag}")
         except ValueError as e:
             p.error(str(e).splitlines()[0])
-    if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(a.device)
-    except RuntimeError:
-        p.error(f"--device: unknown device {a.device!r} (expected cpu, cuda or cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        p.error(f"--device {a.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        dev = resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    a.device = str(dev)
     _check_torchrun(p, a)
     _check_export(p, a)
     if a.distribute and (dev.type != "cuda" or torch.cuda.device_count() < 2):

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import distributed, llm, streaming  # noqa: E402
+from common.lm_eval_runner import task_score  # noqa: E402
 from common.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results  # noqa: E402
 from fake_quant.args import method_name, parse_args, run_name, validate_model_config  # noqa: E402
 
@@ -161,7 +162,8 @@ def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: 
         with timer.phase("lm_eval"):
             try:
                 tasks = run_lm_eval(model, tokenizer, args.tasks, args.lm_eval_batch_size, device,
-                                    limit=args.lm_eval_limit, include_path=args.lm_eval_include_path)
+                                    limit=args.lm_eval_limit, include_path=args.lm_eval_include_path,
+                                    num_fewshot=args.lm_eval_num_fewshot, chat_template=args.lm_eval_chat_template)
             except (ValueError, RuntimeError) as e:
                 if isinstance(e, torch.OutOfMemoryError):
                     raise
@@ -169,6 +171,13 @@ def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: 
         for task, scores in tasks.items():
             log.info("lm-eval %s: %s", task, scores)
     return ppl, tasks
+
+
+def check_chat_template(args, tokenizer) -> None:
+    """--lm_eval_chat_template needs a tokenizer with a chat template: say so before any long work."""
+    if args.lm_eval_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise SystemExit(f"error: --lm_eval_chat_template: the tokenizer of {args.load_qmodel_path or args.model} "
+                         "has no chat template")
 
 
 @contextmanager
@@ -186,8 +195,8 @@ def _table_row(result: dict) -> dict:
            "A": q["a_bits"], "K": q["k_bits"], "V": q["v_bits"]}
     for name, value in result["perplexity"].items():
         row[f"ppl {name}"] = value
-    for task, value in result["lm_eval"].items():  # acc_norm where the task reports it (QuaRot convention)
-        row[task] = value.get("acc_norm", next(iter(value.values()), None)) if isinstance(value, dict) else value
+    for task, value in result["lm_eval"].items():  # acc_norm, else acc, else exact_match (common.lm_eval_runner)
+        row[task] = task_score(value) if isinstance(value, dict) else value
     return row
 
 
@@ -226,6 +235,7 @@ def run(args) -> dict:
             if key in saved:
                 setattr(args, key, saved[key])
         tokenizer = llm.load_tokenizer(src)
+        check_chat_template(args, tokenizer)
         with timer.phase("data"), _data_errors():
             eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
         with timer.phase("load"):
@@ -243,6 +253,7 @@ def run(args) -> dict:
             llm.check_save_target(args.save_qmodel_path)
         validate_model_config(args, llm.read_config(args.model))
         tokenizer = llm.load_tokenizer(args.model)
+        check_chat_template(args, tokenizer)
         with timer.phase("data"), _data_errors():
             cal = get_calibration_data(args.cal_dataset, tokenizer, args.nsamples, args.seqlen, args.seed) \
                 if wcfg.needs_data else []

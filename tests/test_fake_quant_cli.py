@@ -153,6 +153,9 @@ def _bad(env, tmp_path, capsys, argv) -> str:
     (["--w_bits", "4", "--w_groupsize", "128"], "--w_groupsize 128 does not divide"),
     (["--a_bits", "4", "--a_groupsize", "48"], "--a_groupsize 48 does not divide"),
     (["--k_bits", "4", "--k_groupsize", "12"], "--k_groupsize 12 does not divide head_dim"),
+    (["--lm_eval_num_fewshot", "8"], "--lm_eval_num_fewshot needs --lm_eval"),
+    (["--lm_eval_chat_template"], "--lm_eval_chat_template needs --lm_eval"),
+    (["--lm_eval", "--lm_eval_num_fewshot", "-1"], "--lm_eval_num_fewshot"),
 ])
 def test_bad_flags(env, tmp_path, capsys, no_load, extra, expect):
     assert expect in _bad(env, tmp_path, capsys, _argv(env, "llama", tmp_path, *extra))

@@ -50,6 +50,22 @@ MC_ROWS = [{"question": "The model layer", "choices": ["weight is quantized.", "
            {"question": "A small", "choices": ["model.", "xylophone sequence."], "answer": 0}]
 
 
+def _local_task(model, tmp_path, task: str, rows: list[dict], spec: str):
+    """A custom lm-eval task `task` over `rows` written as a local jsonl file (YAML body `spec`), and the
+    model's tokenizer; skipped for all but the llama model (one architecture is enough)."""
+    import json
+
+    from transformers import AutoTokenizer
+    if model.config.model_type != "llama":
+        pytest.skip("one architecture is enough")
+    data = tmp_path / f"{task}.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n" + spec)
+    return AutoTokenizer.from_pretrained(model.name_or_path)
+
+
 def test_lm_eval_bad_arguments(model):
     from common.lm_eval_runner import run_lm_eval
     with pytest.raises(ValueError, match="batch_size"):
@@ -61,19 +77,10 @@ def test_lm_eval_bad_arguments(model):
 
 
 def test_lm_eval_local_task_matches_hand_computation(model, tmp_path):
-    import json
-
-    from transformers import AutoTokenizer
-
     from common.lm_eval_runner import run_lm_eval
-    if model.config.model_type != "llama":
-        pytest.skip("one architecture is enough")
-    tok = AutoTokenizer.from_pretrained(model.name_or_path)
-    data = tmp_path / "mc.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in MC_ROWS) + "\n")
-    (tmp_path / "tiny_mc.yaml").write_text(
-        f"task: tiny_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+    tok = _local_task(
+        model, tmp_path, "tiny_local_mc", MC_ROWS,
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
     res = run_lm_eval(model, tok, ["tiny_local_mc"], 2, "cpu", include_path=tmp_path)
@@ -89,4 +96,47 @@ def test_lm_eval_local_task_matches_hand_computation(model, tmp_path):
 
     hits = [max(range(2), key=lambda c: loglik(r["question"], r["choices"][c])) == r["answer"] for r in MC_ROWS]
     assert res["tiny_local_mc"]["acc"] == pytest.approx(sum(hits) / len(hits))
-    assert res["average"]["acc_or_acc_norm"] == res["tiny_local_mc"]["acc"]
+    assert res["average"]["score"] == res["tiny_local_mc"]["acc"]
+
+
+def test_lm_eval_summary_of_generation_and_choice_tasks():
+    from common.lm_eval_runner import _summarize, task_score
+    results = {"arc_challenge": {"acc,none": 0.40, "acc_norm,none": 0.45, "alias": "arc_challenge"},
+               "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A",
+                         "exact_match,flexible-extract": 0.30, "alias": "gsm8k"}}
+    out = _summarize(results, ["arc_challenge", "gsm8k"])
+    assert out["gsm8k"] == {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.30}
+    assert task_score(out["arc_challenge"]) == 0.45 and task_score(out["gsm8k"]) == 0.25
+    assert out["average"]["score"] == pytest.approx((0.45 + 0.25) / 2)
+    with pytest.raises(RuntimeError, match="exact_match"):
+        _summarize({"x": {"bleu,none": 1.0}}, ["x"])
+
+
+GEN_ROWS = [{"question": "one plus one", "answer": "2"}, {"question": "two plus two", "answer": "4"},
+            {"question": "three plus three", "answer": "6"}]
+
+
+def test_lm_eval_few_shot_generation_task_with_chat_template(model, tmp_path):
+    """A GSM8K-like generate_until task over a local file, 1-shot, prompts through a chat template: the runner
+    runs end to end and returns exact_match for both answer filters, the strict one as the headline."""
+    from common.lm_eval_runner import run_lm_eval
+    tok = _local_task(
+        model, tmp_path, "tiny_local_gen", GEN_ROWS,
+        "fewshot_split: test\noutput_type: generate_until\n"
+        "doc_to_text: 'Q: {{question}} A:'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['Q:']\n  do_sample: false\n  max_gen_toks: 4\n"
+        "filter_list:\n  - name: strict-match\n    filter:\n      - function: regex\n        regex_pattern: '(\\d+)'\n"
+        "      - function: take_first\n  - name: flexible-extract\n    filter:\n      - function: take_first\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    with pytest.raises(ValueError, match="chat template"):
+        run_lm_eval(model, tok, ["tiny_local_gen"], 1, "cpu", include_path=tmp_path, num_fewshot=1,
+                    chat_template=True)
+    with pytest.raises(ValueError, match="num_fewshot"):
+        run_lm_eval(model, tok, ["tiny_local_gen"], 1, "cpu", include_path=tmp_path, num_fewshot=-1)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    res = run_lm_eval(model, tok, ["tiny_local_gen"], 1, "cpu", include_path=tmp_path, num_fewshot=1,
+                      chat_template=True)
+    scores = res["tiny_local_gen"]
+    assert set(scores) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert res["average"]["score"] == scores["exact_match,strict-match"]

@@ -51,7 +51,7 @@ def _write(root: Path, rel: str, rec: dict) -> None:
 @pytest.fixture
 def folder(tmp_path):
     root = tmp_path / "out"
-    acc = {"piqa": {"acc": 0.6, "acc_norm": 0.625}, "arc_easy": {"acc": 0.5}, "average": {"acc_or_acc_norm": 0.5625}}
+    acc = {"piqa": {"acc": 0.6, "acc_norm": 0.625}, "arc_easy": {"acc": 0.5}, "average": {"score": 0.5625}}
     _write(root, "llm/fp16", _llm("none", 16, 10.0, rotate=False, tasks=acc))
     _write(root, "llm/rtn", _llm("rtn", 4, 40.0))
     _write(root, "llm/gptq", _llm("gptq", 4, 20.0))
