@@ -4,7 +4,8 @@ Block l is quantized on the stream X~_l of the already-quantized blocks 0..l-1. 
 (solved in order, earlier groups already quantized) the driver accumulates H = (2/N) X~ X~^T and, for GPTAQ,
 dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precision block run on the
 full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
-GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on.
+GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on
+(`quant_order` overrides either: "w_first" / "a_first", the paper's Table 6).
 Under torchrun (`common.distributed`) each rank carries its shard of both streams, the statistics are summed over
 ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.resume` checkpoints after
 every block.
@@ -26,11 +27,12 @@ from .act_quant import ActQuantLinear, set_act_quant
 from .distributed import SummedHessian as HessianAccumulator  # float64 sums: same H for any split over ranks
 from .resume import ResumeError, ResumeState
 
-__all__ = ["WeightQuantConfig", "quantize_blocks", "METHODS"]
+__all__ = ["WeightQuantConfig", "quantize_blocks", "METHODS", "QUANT_ORDERS"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "gptaq", "rtn", "none")
+QUANT_ORDERS = ("auto", "w_first", "a_first")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class WeightQuantConfig:
     percdamp: float = 0.01
     alpha: float = 0.25           # GPTAQ
     exact: bool = False           # GPTAQ exact variant
+    p_term_only: bool = False     # GPTAQ ablation: the asymmetric P term without GPTQ's error feedback
+    quant_order: str = "auto"     # "auto" (GPTQ w_first, GPTAQ a_first), "w_first" or "a_first": whether the
+                                  # activation quantizers are on while X~ is captured and the stream advances
     order: str = "forward"        # or "reverse" (Babai)
     blocksize: int = 128
     scale_dtype: torch.dtype | None = None  # e.g. torch.float16: scales as a GPTQ export stores them (bit exact)
@@ -56,6 +61,15 @@ class WeightQuantConfig:
             raise ValueError(f"weight quantization method must be one of {METHODS}, got {self.method!r}")
         if self.order not in ("forward", "reverse"):
             raise ValueError(f"order must be 'forward' or 'reverse', got {self.order!r}")
+        if self.quant_order not in QUANT_ORDERS:
+            raise ValueError(f"quant_order must be one of {QUANT_ORDERS}, got {self.quant_order!r}")
+
+    @property
+    def acts_during_capture(self) -> bool:
+        """Activation quantizers on while calibrating (A->W) or off (W->A)."""
+        if self.quant_order == "auto":
+            return self.method == "gptaq"
+        return self.quant_order == "a_first"
 
     @property
     def active(self) -> bool:
@@ -164,7 +178,8 @@ def _solve(name: str, W: torch.Tensor, acc: HessianAccumulator | None, cfg: Weig
     kw.update(act_order=cfg.act_order, static_groups=cfg.static_groups, percdamp=cfg.percdamp,
               blocksize=cfg.blocksize, order=cfg.order)
     if cfg.method == "gptaq":
-        return solvers.gptaq_quantize(W, acc.H, acc.dXXT, alpha=cfg.alpha, exact=cfg.exact, **kw)
+        return solvers.gptaq_quantize(W, acc.H, acc.dXXT, alpha=cfg.alpha, exact=cfg.exact,
+                                      p_term_only=cfg.p_term_only, **kw)
     return solvers.gptq_quantize(W, acc.H, **kw)
 
 
@@ -219,7 +234,7 @@ def quantize_blocks(
 
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not distributed.is_main())):
         if i < start:
-            _restore_block(resume, i, block, prepare_block, asymmetric, on_quantized)
+            _restore_block(resume, i, block, prepare_block, cfg.acts_during_capture, on_quantized)
             continue
         home = _block_device(block)
         block.to(device)
@@ -229,7 +244,7 @@ def quantize_blocks(
             block.to(home)
             continue
         distributed.broadcast_module_(block)  # ranks start every block from identical weights
-        set_act_quant(block, asymmetric)
+        set_act_quant(block, cfg.acts_during_capture)
         fp_block = None
         if asymmetric:
             fp_block = copy.deepcopy(block)
@@ -316,13 +331,13 @@ def _result_to_cpu(res: solvers.QuantResult) -> solvers.QuantResult:
     return solvers.QuantResult(**{f: v.cpu() if isinstance(v, torch.Tensor) else v for f, v in vars(res).items()})
 
 
-def _restore_block(resume: ResumeState, i: int, block: nn.Module, prepare_block, asymmetric: bool,
+def _restore_block(resume: ResumeState, i: int, block: nn.Module, prepare_block, acts_on: bool,
                    on_quantized) -> None:
     """A block finished by an earlier run: wrap it as the run did, load its saved quantized weights and replay
     on_quantized from the saved results."""
     if prepare_block is not None:
         prepare_block(block)
-    set_act_quant(block, asymmetric)
+    set_act_quant(block, acts_on)
     weights, results = resume.load_block(i)
     with torch.no_grad():
         for name, w in weights.items():

@@ -37,6 +37,7 @@ SETTINGS = ("w_asym", "w_clip", "a_asym", "a_clip_ratio", "percdamp", "act_order
             "order", "nsamples", "seqlen", "cal_dataset", "seed")
 COST = ("quant_s", "peak_gib")
 METHOD_NAMES = {"none": "fp16", "fp16": "fp16"}
+GPTAQ_METHODS = ("gptaq", "gptaq_exact", "gptaq_p_term_only")
 PLOT_METRICS = ("ppl_wikitext2", "top1", "acc_avg")
 
 
@@ -100,15 +101,14 @@ def row_from_record(rec: dict, run: str = "", group: str = ".") -> dict | None:
         seconds = rec.get("seconds") or {}
     else:
         return None
-    if row["method"] in ("gptq", "gptaq", "gptaq_exact", "rtn") and not (isinstance(row.get("W"), int)
-                                                                         and row["W"] < 16):
+    if row["method"] in ("gptq", "rtn", *GPTAQ_METHODS) and not (isinstance(row.get("W"), int) and row["W"] < 16):
         row["method"] = "fp16"
     for key in SETTINGS:
         if key in cfg:
             row[key] = cfg[key]
     # drop the settings a run does not use, so that they do not show up as "varying" in its table
     unused = set()
-    if row["method"] not in ("gptaq", "gptaq_exact"):
+    if row["method"] not in GPTAQ_METHODS:
         unused.add("alpha")
     if row["method"] in ("fp16", "rtn"):
         unused |= {"percdamp", "act_order", "static_groups", "order", "nsamples", "cal_dataset"}
@@ -120,8 +120,10 @@ def row_from_record(rec: dict, run: str = "", group: str = ".") -> dict | None:
         row.pop(key, None)
     row["quant_s"] = _num(seconds.get("quantize"))
     row["quant_hours"] = None if row["quant_s"] is None else row["quant_s"] / 3600.0  # for paper matching only
-    # the pipeline's fixed order: GPTQ solves weights before activation quantizers go on, GPTAQ after
-    row["q_order"] = "A->W" if row["method"] in ("gptaq", "gptaq_exact") else "W->A"
+    # activation quantizers during calibration: --quant_order, by default off for GPTQ (W->A) and on for GPTAQ (A->W)
+    order = cfg.get("quant_order", "auto") if isinstance(cfg, dict) else "auto"
+    row["q_order"] = {"w_first": "W->A", "a_first": "A->W"}.get(
+        order, "A->W" if row["method"] in GPTAQ_METHODS else "W->A")
     row["peak_gib"] = _peak_gib(rec.get("peak_memory"))
     row["_layers"] = [r for r in rec.get("layers") or [] if isinstance(r, dict)]
     return row

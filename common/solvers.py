@@ -7,6 +7,8 @@ GPTAQ (GPTQv2) fits Q X~ to the full-precision output W X.  With dXXT = (2/N)(X 
 P = alpha * triu_1(dXXT U^T) U it adds the asymmetric term at each step (published "P form"):
     W[:, i:] -= err_i U[i, i:] - w_i P[i, i:]        (w_i the column before rounding),
 and across lazy blocks W[:, rest] -= Err U[blk, rest] - Q_blk P[blk, rest] (the block after its steps: its rounded Q).
+`p_term_only=True` keeps only the asymmetric term (no GPTQ error feedback: U's off-diagonal is dropped from the
+updates), the paper's Table 5 ablation "W P term only".
 `exact=True` solves the same objective as GPTQ on the least-squares target V = W + alpha W dXXT H^-1
 (||Q X~ - W X||^2 = ||(Q - V*) X~||^2 + const for alpha = 1), which is the exact greedy for that objective.
 `order="reverse"` processes columns back to front: GPTQ then is Babai's nearest-plane algorithm (see `babai_bound`).
@@ -292,7 +294,7 @@ def _column_grids(scales: torch.Tensor, zeros: torch.Tensor, g_pos: torch.Tensor
 def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None, *, bits: int, sym: bool,
            mse: bool, group_size: int, act_order: bool, static_groups: bool, percdamp: float, blocksize: int,
            order: str, alpha: float, exact: bool, backend: str,
-           scale_dtype: torch.dtype | None = None) -> QuantResult:
+           scale_dtype: torch.dtype | None = None, p_term_only: bool = False) -> QuantResult:
     """Shared body of gptq / gptaq (P form or exact); backend is 'torch' or 'triton' (see `resolve_backend`)."""
     if backend == "triton":
         from .fused_solver import walk
@@ -331,6 +333,8 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
         else:
             with _tf32(P_TF32):
                 P = asym_matrix(D, U, alpha)
+            if p_term_only:  # no error feedback: updates use only U's diagonal (err = (w - q) / U_ii) and P
+                U = torch.diag(torch.diagonal(U))
         del D
 
     quantize = bits != NO_QUANT_BITS
@@ -427,17 +431,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = Fa
 
 
 def gptaq_quantize(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float = 0.25,
-                   exact: bool = False, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
-                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-                   blocksize: int = 128, order: str = "forward", name: str = "layer",
+                   exact: bool = False, p_term_only: bool = False, bits: int, sym: bool = False, mse: bool = False,
+                   group_size: int = -1, act_order: bool = False, static_groups: bool = False,
+                   percdamp: float = 0.01, blocksize: int = 128, order: str = "forward", name: str = "layer",
                    scale_dtype: torch.dtype | None = None, backend: str = "auto") -> QuantResult:
     """GPTAQ with codes, scales, zeros and g_idx for export.  See `gptaq` and `gptq_quantize`."""
     _check_inputs(name, W, H, dXXT, bits, group_size, percdamp, blocksize, order, alpha)
+    if exact and p_term_only:
+        raise SolverError(f"{name}: p_term_only is an ablation of the P form; it does not combine with exact=True")
     use = resolve_backend(backend, W, name)
     with torch.no_grad():
         return _solve(name, W, H, dXXT, bits=bits, sym=sym, mse=mse, group_size=group_size, act_order=act_order,
                       static_groups=static_groups, percdamp=percdamp, blocksize=blocksize, order=order,
-                      alpha=alpha, exact=exact, backend=use, scale_dtype=scale_dtype)
+                      alpha=alpha, exact=exact, backend=use, scale_dtype=scale_dtype, p_term_only=p_term_only)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False,
@@ -457,17 +463,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, sym: bool = False, mse:
 
 
 def gptaq(W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor, *, alpha: float = 0.25, exact: bool = False,
-          bits: int, sym: bool = False, mse: bool = False, group_size: int = -1, act_order: bool = False,
-          static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128, order: str = "forward",
-          name: str = "layer", backend: str = "auto") -> torch.Tensor:
+          p_term_only: bool = False, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,
+          act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01, blocksize: int = 128,
+          order: str = "forward", name: str = "layer", backend: str = "auto") -> torch.Tensor:
     """GPTAQ: fake-quantized W (float32) for min ||Q X~ - W X||, dXXT = (2/N)(X - X~) X~^T.
 
     alpha scales the asymmetric term (paper default 0.25); exact=True runs GPTQ on V = W + alpha W dXXT H^-1
-    instead of the published P form.  Other keywords as in `gptq`.
+    instead of the published P form; p_term_only=True drops GPTQ's error feedback and keeps only the P term
+    (ablation).  Other keywords as in `gptq`.
     """
-    return gptaq_quantize(W, H, dXXT, alpha=alpha, exact=exact, bits=bits, sym=sym, mse=mse, group_size=group_size,
-                          act_order=act_order, static_groups=static_groups, percdamp=percdamp, blocksize=blocksize,
-                          order=order, name=name, backend=backend).weight
+    return gptaq_quantize(W, H, dXXT, alpha=alpha, exact=exact, p_term_only=p_term_only, bits=bits, sym=sym,
+                          mse=mse, group_size=group_size, act_order=act_order, static_groups=static_groups,
+                          percdamp=percdamp, blocksize=blocksize, order=order, name=name, backend=backend).weight
 
 
 def rtn_quantize(W: torch.Tensor, *, bits: int, sym: bool = False, mse: bool = False, group_size: int = -1,

@@ -123,8 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=_nonneg_float, default=0.25, help="GPTAQ: weight of the asymmetric term")
     g.add_argument("--gptaq_exact", action="store_true",
                    help="GPTAQ: exact greedy on the least-squares target instead of the published P form")
+    g.add_argument("--gptaq_p_only", action="store_true",
+                   help="GPTAQ ablation (paper Table 5): only the asymmetric P term, no GPTQ error feedback")
     g.add_argument("--order", choices=["forward", "reverse"], default="forward",
                    help="column processing order (reverse = Babai's nearest plane)")
+    g.add_argument("--quant_order", choices=["auto", "w_first", "a_first"], default="auto",
+                   help="activation quantizers off (w_first, W->A) or on (a_first, A->W) during calibration; "
+                        "auto: GPTQ w_first, GPTAQ a_first (paper Table 6)")
 
     g = p.add_argument_group("activations and KV cache")
     g.add_argument("--a_bits", type=_bits, default=16, help="input activation bits of every decoder linear")
@@ -198,6 +203,8 @@ def method_name(args: argparse.Namespace) -> str:
     if args.w_rtn:
         return "rtn"
     if args.gptaq:
+        if getattr(args, "gptaq_p_only", False):
+            return "gptaq_p_term_only"
         return "gptaq_exact" if args.gptaq_exact else "gptaq"
     return "gptq"
 
@@ -238,6 +245,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--gptaq and --w_rtn are exclusive (GPTAQ is a GPTQ-style solver; RTN uses no calibration)")
     if a.gptaq_exact and not a.gptaq:
         p.error("--gptaq_exact needs --gptaq")
+    if a.gptaq_p_only and (not a.gptaq or a.gptaq_exact):
+        p.error("--gptaq_p_only needs --gptaq and does not combine with --gptaq_exact")
     if a.static_groups and a.w_groupsize == -1:
         p.error("--static_groups needs --w_groupsize > 0")
     _check_stream(p, a)

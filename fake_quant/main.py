@@ -35,7 +35,8 @@ from fake_quant.args import method_name, parse_args, run_name, validate_model_co
 
 log = logging.getLogger("fake_quant")
 
-SAVED_FLAGS = ("w_bits", "w_groupsize", "w_asym", "w_clip", "w_rtn", "gptaq", "gptaq_exact", "alpha", "order",
+SAVED_FLAGS = ("w_bits", "w_groupsize", "w_asym", "w_clip", "w_rtn", "gptaq", "gptaq_exact", "gptaq_p_only", "alpha",
+               "order", "quant_order",
                "act_order", "static_groups", "percdamp", "nsamples", "cal_dataset", "a_bits", "a_groupsize", "a_asym",
                "a_clip_ratio", "int8_down_proj", "k_bits", "k_groupsize", "k_asym", "k_clip_ratio", "k_pre_rope",
                "v_bits", "v_groupsize", "v_asym", "v_clip_ratio", "rotate", "rotate_mode", "rotation_seed", "fp32_had")
@@ -57,10 +58,11 @@ def settings_from_args(args):
     from common.driver import WeightQuantConfig
     from common.kv_quant import KVQuantConfig
 
-    method = method_name(args).removesuffix("_exact")
+    method = "gptaq" if args.gptaq and method_name(args) != "none" else method_name(args)
     wcfg = WeightQuantConfig(method=method, bits=args.w_bits, sym=not args.w_asym, mse=args.w_clip,
                              group_size=args.w_groupsize, act_order=args.act_order, static_groups=args.static_groups,
-                             percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact, order=args.order,
+                             percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact,
+                             p_term_only=args.gptaq_p_only, quant_order=args.quant_order, order=args.order,
                              scale_dtype=torch.float16 if args.export else None)  # export: bit-exact fp16 scales
     act = llm.ActQuantSettings(bits=args.a_bits, groupsize=args.a_groupsize, sym=not args.a_asym,
                                clip_ratio=args.a_clip_ratio, down_proj_bits=8 if args.int8_down_proj else None)

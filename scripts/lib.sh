@@ -106,7 +106,8 @@ gq_method_flags() {
     rtn) GQ_FLAGS=(--w_rtn) ;;
     gptaq) GQ_FLAGS=(--gptaq) ;;
     gptaq_exact) GQ_FLAGS=(--gptaq --gptaq_exact) ;;
-    *) echo "error: unknown method '$1' (expected fp16, rtn, gptq, gptaq or gptaq_exact)" >&2; exit 2 ;;
+    gptaq_p_only) GQ_FLAGS=(--gptaq --gptaq_p_only) ;;
+    *) echo "error: unknown method '$1' (expected fp16, rtn, gptq, gptaq, gptaq_exact or gptaq_p_only)" >&2; exit 2 ;;
   esac
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ablations of GPTQ / GPTAQ on one model (QuaRot, W4A4, paper's Tables 5/6 model Llama-3 8B): GPTAQ's alpha,
-# dampening, act-order, calibration size, the exact GPTAQ variant against the published P form, and forward against
-# reverse (Babai) column order.
+# dampening, act-order, calibration size, the exact GPTAQ variant against the published P form, forward against
+# reverse (Babai) column order, the update terms (paper Table 5) and the quantization order (paper Table 6).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 gq_setup ablations "Usage: scripts/table_ablations.sh [--help] [--dry_run]
@@ -14,7 +14,10 @@ Environment (defaults in brackets):
   MODEL           [meta-llama/Meta-Llama-3-8B]
   CAL_DATA        [wikitext2]
   EVAL_DATA       [wikitext2]
-  ABLATIONS       which ones [alpha damp act_order nsamples exact order]
+  ABLATIONS       which ones [alpha damp act_order nsamples exact order terms quant_order]
+                  terms: RTN, GPTQ (error feedback only), GPTAQ with the P term only, GPTAQ (both) - Table 5
+                  quant_order: GPTQ and GPTAQ with activation quantizers off (W->A) / on (A->W) while
+                  calibrating - Table 6 (its Llama-2 7B rows: MODEL=meta-llama/Llama-2-7b-hf)
   ALPHAS          GPTAQ alpha values [0 0.125 0.25 0.5 1]
   DAMPS           dampening (fraction of mean diag H) [0.001 0.01 0.1]
   NSAMPLES_LIST   calibration sequences [32 64 128 256]
@@ -22,7 +25,7 @@ Environment (defaults in brackets):
 
 model=${MODEL:-meta-llama/Meta-Llama-3-8B}
 name=$(gq_name "$model")
-gq_words ABLATIONS "alpha damp act_order nsamples exact order"; ablations=("${GQ_WORDS[@]}")
+gq_words ABLATIONS "alpha damp act_order nsamples exact order terms quant_order"; ablations=("${GQ_WORDS[@]}")
 gq_words ALPHAS "0 0.125 0.25 0.5 1"; alphas=("${GQ_WORDS[@]}")
 gq_words DAMPS "0.001 0.01 0.1"; damps=("${GQ_WORDS[@]}")
 gq_words NSAMPLES_LIST "32 64 128 256"; nsamples=("${GQ_WORDS[@]}")
@@ -53,7 +56,12 @@ for ab in "${ablations[@]}"; do
       for m in gptq gptaq gptaq_exact; do ablate exact "$m" "$m"; done ;;
     order)
       for o in forward reverse; do for m in gptq gptaq; do ablate order "${m}_$o" "$m" --order "$o"; done; done ;;
-    *) echo "error: unknown ablation '$ab' (expected alpha, damp, act_order, nsamples, exact or order)" >&2; exit 2 ;;
+    terms)
+      for m in rtn gptq gptaq_p_only gptaq; do ablate terms "$m" "$m"; done ;;
+    quant_order)
+      for o in w_first a_first; do for m in gptq gptaq; do ablate quant_order "${m}_$o" "$m" --quant_order "$o"; done; done ;;
+    *) echo "error: unknown ablation '$ab' (expected alpha, damp, act_order, nsamples, exact, order, terms or" \
+            "quant_order)" >&2; exit 2 ;;
   esac
 done
 gq_report

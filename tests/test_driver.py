@@ -100,6 +100,22 @@ def test_gptaq_streams_differ_from_gptq(llama_dir, monkeypatch):
     assert all(r["tokens"] == 2 * 2 * 32 and r["loss"] >= 0 and "asym_loss" in r for r in recs)
 
 
+def test_quant_order_switches_activation_quantizers_during_calibration(llama_dir, monkeypatch):
+    """--quant_order (paper Table 6): a_first makes GPTQ capture the 4-bit X~ (as GPTAQ does by default); w_first
+    makes GPTAQ capture X~ with activations unquantized (its layer-0 X~ then equals the FP input X)."""
+    batches = _setup(llama_dir)[1]
+    fp = _fp_layer_inputs(llama_dir, batches)
+    _, gptq_a = _run(_setup(llama_dir)[0], batches, "gptq", monkeypatch, quant_order="a_first")
+    _, gptaq_auto = _run(_setup(llama_dir)[0], batches, "gptaq", monkeypatch)
+    _, gptaq_w = _run(_setup(llama_dir)[0], batches, "gptaq", monkeypatch, quant_order="w_first")
+    assert torch.allclose(gptq_a[0][1], gptaq_auto[0][1], atol=1e-6)  # same quantized X~ of layer 0
+    assert not torch.allclose(gptq_a[0][1], fp[0][0], atol=1e-3)
+    assert torch.allclose(gptaq_w[0][1], fp[0][0], atol=1e-5) and torch.allclose(gptaq_w[0][2], fp[0][0], atol=1e-5)
+    assert WeightQuantConfig(method="gptaq").acts_during_capture and not WeightQuantConfig().acts_during_capture
+    with pytest.raises(ValueError, match="quant_order"):
+        WeightQuantConfig(quant_order="first")
+
+
 @pytest.mark.parametrize("method", ["gptq", "gptaq", "rtn"])
 def test_every_decoder_linear_wrapped_and_quantized(llama_dir, monkeypatch, method):
     model, batches = _setup(llama_dir)

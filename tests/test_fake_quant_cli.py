@@ -91,6 +91,16 @@ def test_other_families_gptaq(env, tmp_path, arch):
     assert math.isfinite(result["perplexity"][env["eval"]])
 
 
+def test_table5_and_table6_ablation_flags(env, tmp_path):
+    """--gptaq_p_only (Table 5) and --quant_order (Table 6) reach the solver and driver and are recorded."""
+    result = main(_argv(env, "llama", tmp_path / "p", "--rotate", "--gptaq", "--gptaq_p_only", *W4A4KV4))
+    _check_layers(result, gptaq=True)
+    assert result["quantization"]["method"] == "gptaq_p_term_only" and result["config"]["gptaq_p_only"]
+    w_first = main(_argv(env, "llama", tmp_path / "w", "--rotate", "--gptaq", "--quant_order", "w_first", *W4A4KV4))
+    a_first = main(_argv(env, "llama", tmp_path / "a", "--rotate", "--gptaq", *W4A4KV4))
+    assert w_first["config"]["quant_order"] == "w_first" and w_first["layers"][0]["loss"] != a_first["layers"][0]["loss"]
+
+
 def test_weight_only_w3_groups(env, tmp_path):
     result = main(_argv(env, "llama", tmp_path, "--w_bits", "3", "--w_groupsize", "32", "--act_order",
                         "--static_groups", "--w_asym"))
@@ -153,6 +163,9 @@ def _bad(env, tmp_path, capsys, argv) -> str:
     (["--w_bits", "4", "--w_groupsize", "128"], "--w_groupsize 128 does not divide"),
     (["--a_bits", "4", "--a_groupsize", "48"], "--a_groupsize 48 does not divide"),
     (["--k_bits", "4", "--k_groupsize", "12"], "--k_groupsize 12 does not divide head_dim"),
+    (["--w_bits", "4", "--gptaq_p_only"], "--gptaq_p_only needs --gptaq"),
+    (["--w_bits", "4", "--gptaq", "--gptaq_exact", "--gptaq_p_only"], "--gptaq_p_only"),
+    (["--quant_order", "first"], "--quant_order"),
     (["--lm_eval_num_fewshot", "8"], "--lm_eval_num_fewshot needs --lm_eval"),
     (["--lm_eval_chat_template"], "--lm_eval_chat_template needs --lm_eval"),
     (["--lm_eval", "--lm_eval_num_fewshot", "-1"], "--lm_eval_num_fewshot"),

@@ -87,6 +87,20 @@ def test_rows_from_each_schema(folder):
     assert (v["frontend"], v["top1"], v["top5"], v["peak_gib"]) == ("vit", 70.5, 90.25, 2.0)
 
 
+def test_quant_order_and_generation_scores(tmp_path):
+    """q_order follows --quant_order (Table 6) and the method default; a GSM8K-style task reports its strict score."""
+    a_first = _llm("gptq", 4, 9.0, tasks={"gsm8k": {"exact_match,strict-match": 0.25,
+                                                     "exact_match,flexible-extract": 0.3}})
+    a_first["config"]["quant_order"] = "a_first"
+    _write(tmp_path, "gptq_a_first", a_first)
+    _write(tmp_path, "gptq", _llm("gptq", 4, 9.5))
+    _write(tmp_path, "p_only", _llm("gptaq_p_term_only", 4, 12.0))
+    by_run = {r["run"]: r for r in report.load_rows(tmp_path)[0]}
+    assert by_run["gptq_a_first"]["q_order"] == "A->W" and by_run["gptq"]["q_order"] == "W->A"
+    assert by_run["gptq_a_first"]["acc_gsm8k"] == pytest.approx(25.0)
+    assert by_run["p_only"]["q_order"] == "A->W" and by_run["p_only"]["alpha"] == 0.25
+
+
 def test_spinquant_record_is_tagged(tmp_path):
     _write(tmp_path, "a", _llm("gptaq", 4, 9.0, spin=True))
     rows, _ = report.load_rows(tmp_path)

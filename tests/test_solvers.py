@@ -104,8 +104,9 @@ def ref_gptq(W, H, *, bits, sym=False, mse=False, gs=-1, act_order=False, static
 
 
 def ref_gptaq_pform(W, H, dXXT, *, alpha, bits, blocksize, sym=False, mse=False, gs=-1, act_order=False,
-                    static=False, percdamp=0.01):
-    """Published P form, unlazy: in-block updates use the column before rounding, later blocks get its rounded value."""
+                    static=False, percdamp=0.01, feedback=True):
+    """Published P form, unlazy: in-block updates use the column before rounding, later blocks get its rounded value.
+    feedback=False drops GPTQ's error term (the "P term only" ablation)."""
     W, H, Hd, dXXT = ref_prepare(W, H, dXXT, percdamp)
     static_grids = None
     if static and gs != -1:
@@ -122,7 +123,8 @@ def ref_gptaq_pform(W, H, dXXT, *, alpha, bits, blocksize, sym=False, mse=False,
         q = ref_fq(W[:, j:j + 1], *grid, bits).flatten()
         err = (w - q) / U[j, j]
         end = min((j // blocksize + 1) * blocksize, n)
-        W[:, j + 1:] -= torch.outer(err, U[j, j + 1:])
+        if feedback:
+            W[:, j + 1:] -= torch.outer(err, U[j, j + 1:])
         W[:, j + 1:end] += torch.outer(w, P[j, j + 1:end])
         W[:, end:] += torch.outer(q, P[j, end:])
         W[:, j] = q
@@ -202,6 +204,26 @@ def test_gptaq_pform_matches_float64_reference(cfg):
     bs = 32 if cfg.get("gs", -1) == -1 else max(1, 32 // cfg["gs"]) * cfg["gs"]
     ref = ref_gptaq_pform(W, H, dXXT, alpha=0.25, blocksize=bs, **ref_kwargs(cfg))
     assert agreement(Q, ref) >= 0.99
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[6:8], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gptaq_p_term_only_matches_float64_reference(cfg):
+    W, H, dXXT, _, _ = make_problem(4)
+    Q = gptaq(W, H, dXXT, alpha=0.5, p_term_only=True, blocksize=32, **solver_kwargs(cfg))
+    bs = 32 if cfg.get("gs", -1) == -1 else max(1, 32 // cfg["gs"]) * cfg["gs"]
+    ref = ref_gptaq_pform(W, H, dXXT, alpha=0.5, blocksize=bs, feedback=False, **ref_kwargs(cfg))
+    assert agreement(Q, ref) >= 0.99
+    assert agreement(Q, gptaq(W, H, dXXT, alpha=0.5, blocksize=32, **solver_kwargs(cfg))) < 0.9  # feedback matters
+
+
+def test_gptaq_p_term_only_without_p_is_rtn():
+    """alpha = 0 leaves no update at all: every column rounds on its own grid, as RTN does."""
+    W, H, dXXT, _, _ = make_problem(5)
+    for kw in (dict(bits=4), dict(bits=3, sym=True, mse=True), dict(bits=4, group_size=16)):
+        Q = gptaq(W, H, dXXT, alpha=0.0, p_term_only=True, static_groups=kw.get("group_size", -1) > 0, **kw)
+        assert torch.allclose(Q, rtn(W, **kw), rtol=0, atol=1e-6)
+    with pytest.raises(SolverError, match="p_term_only"):
+        gptaq(W, H, dXXT, exact=True, p_term_only=True, bits=4)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:6], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
