@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["launched", "init", "shutdown", "world_size", "rank", "is_main", "barrier", "shard", "owner",
-           "broadcast_", "broadcast_module_", "all_gather_object", "SummedHessian"]
+           "broadcast_", "broadcast_module_", "all_reduce_sum_", "all_gather_object", "SummedHessian"]
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=1)  # ranks wait for rank 0's checkpoint writes and the largest solves
@@ -94,6 +94,15 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     if world_size() > 1:
         for t in list(module.parameters()) + list(module.buffers()):
             broadcast_(t.data, src)
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor | None]) -> None:
+    """In place: each tensor becomes its sum over the ranks (None entries are skipped; a no-op in one process)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        if t is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

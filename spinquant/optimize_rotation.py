@@ -12,9 +12,12 @@ updated by `common.cayley.CayleySGD` (lr 1.5 with linear decay to 0, 100 iterati
         --v_bits 4 --a_asym --k_asym --v_asym --k_groupsize 128 --v_groupsize 128 --output_rotation_path R.bin
 (to follow with GPTQ/GPTAQ the SpinQuant authors train with 16-bit weights, W16A4KV4, as above.)
 
-Multi-GPU: not implemented; this is a single-device trainer (the whole model on --device, gradients accumulated
-over --micro_bsz chunks of each --bsz batch, --grad_checkpointing to save activation memory).  The published
-recipe (8 GPUs data-parallel, 1 sample each, 100 steps) is the same optimisation as --bsz 8 --micro_bsz 1 here.
+One device holds the whole model (--micro_bsz chunks of each --bsz batch, gradients accumulated; --grad_checkpointing
+saves activation memory).  Under torchrun the training is data-parallel (`common.distributed`): every rank draws
+the same --bsz sample indices, runs its share idx[rank::world_size] and the R1/R2 gradients and the loss are summed
+with one all-reduce per step, so every rank takes the same Cayley step and R processes follow the single-process
+optimisation (up to float summation order).  The published recipe (8 GPUs, 1 sample each, 100 steps) is
+`torchrun --nproc_per_node 8 ... --bsz 8`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from torch.nn.utils import parametrize
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import distributed  # noqa: E402
 from common.act_quant import ActQuantizer, ActQuantLinear  # noqa: E402
 from common.cayley import CayleySGD, orthogonality_error  # noqa: E402
 from common.device import resolve_device  # noqa: E402
@@ -186,7 +190,9 @@ def train_rotations(model: nn.Module, rot: Rotations, samples: torch.Tensor, *, 
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(samples.shape[0], generator=gen), 0
     history: list[dict] = []
-    bar = tqdm(range(iters), desc="rotation training", disable=not progress)
+    if bsz < distributed.world_size():
+        raise ValueError(f"bsz {bsz} is smaller than the {distributed.world_size()} processes: each needs a sample")
+    bar = tqdm(range(iters), desc="rotation training", disable=not progress or not distributed.is_main())
     for step in bar:
         cur_lr = opt.param_groups[0]["lr"]
         opt.zero_grad(set_to_none=True)
@@ -196,12 +202,15 @@ def train_rotations(model: nn.Module, rot: Rotations, samples: torch.Tensor, *, 
                 order, pos = torch.randperm(samples.shape[0], generator=gen), 0
             idx.append(order[pos].item())
             pos += 1
-        total = 0.0
-        for j in range(0, bsz, micro_bsz):
-            batch = samples[idx[j:j + micro_bsz]].to(device)
+        mine = distributed.shard(idx)  # this rank's share of the step's samples (all of them in one process)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for j in range(0, len(mine), micro_bsz):
+            batch = samples[mine[j:j + micro_bsz]].to(device)
             loss = quantized_loss(model, batch)
             (loss * batch.shape[0] / bsz).backward()
-            total += loss.item() * batch.shape[0] / bsz
+            total += loss.detach().double() * batch.shape[0] / bsz
+        distributed.all_reduce_sum_([total, *(p.grad for p in rot.parameters())])
+        total = total.item()
         if not math.isfinite(total):
             raise FloatingPointError(f"rotation training: loss became {total} at step {step}")
         opt.step()
@@ -209,7 +218,8 @@ def train_rotations(model: nn.Module, rot: Rotations, samples: torch.Tensor, *, 
         rec = {"step": step, "loss": total, "lr": cur_lr}
         history.append(rec)
         bar.set_postfix(loss=f"{total:.4f}")
-        log.info("step %d/%d loss %.5f lr %.4g", step + 1, iters, total, cur_lr)
+        if distributed.is_main():
+            log.info("step %d/%d loss %.5f lr %.4g", step + 1, iters, total, cur_lr)
     history[-1]["ortho_err"] = rot.max_orthogonality_error()
     return history
 
@@ -296,6 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--momentum must be in [0, 1), got {a.momentum}")
     if a.micro_bsz > a.bsz:
         p.error(f"--micro_bsz {a.micro_bsz} exceeds --bsz {a.bsz}")
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.bsz < procs:
+        p.error(f"--bsz {a.bsz} is smaller than the {procs} torchrun processes (each needs a sample per step)")
     if a.w_bits == a.a_bits == a.k_bits == a.v_bits == 16:
         p.error("nothing is quantized (--w_bits/--a_bits/--k_bits/--v_bits all 16): no rotation to learn")
     out = Path(os.path.expanduser(a.output_rotation_path))
@@ -358,7 +371,10 @@ def run(a: argparse.Namespace) -> dict:
 
     timer = PhaseTimer()
     torch.manual_seed(a.seed)
-    device = torch.device(a.device)
+    try:
+        device = distributed.init(a.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     wq, act, kv = _settings(a)
     tokenizer = llm.load_tokenizer(a.model)
     with timer.phase("data"):
@@ -385,6 +401,8 @@ def run(a: argparse.Namespace) -> dict:
                                   momentum=a.momentum, schedule=a.lr_schedule, seed=a.seed)
     for h in hooks:
         h.remove()
+    if not distributed.is_main():  # every rank holds the same rotations; rank 0 writes them
+        return {}
     bits = {k: getattr(a, k) for k in ("w_bits", "a_bits", "k_bits", "v_bits")}
     path = save_rotations(os.path.expanduser(a.output_rotation_path), rot.R1, list(rot.R2), model=a.model, bits=bits,
                           extra={"iters": a.iters, "lr": a.lr, "nsamples": a.nsamples, "seqlen": a.seqlen,
@@ -394,7 +412,7 @@ def run(a: argparse.Namespace) -> dict:
     result = {"model": a.model, "run": run_name(a), "config": vars(a).copy(), "rotation_path": str(path),
               "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
               "ortho_err": history[-1]["ortho_err"], "history": history, "time_s": timer.summary(),
-              "device": str(device)}
+              "device": str(device), "world_size": distributed.world_size()}
     out = write_results(a.output_dir or os.path.join("outputs", "spinquant", run_name(a)), result)
     print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; wrote {path} and {out}")
     return result
@@ -410,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
         return run(a)
     except LLMError as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

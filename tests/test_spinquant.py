@@ -239,6 +239,35 @@ def test_cli_train_then_gptq_and_gptaq(tiny, tmp_path):
     assert ppl["gptq"] != ppl["gptaq"]
 
 
+def test_two_gloo_processes_train_the_rotations_of_one(tiny, tmp_path):
+    """torchrun data parallelism: 2 processes, each with half of every step's samples, follow the single-process
+    optimisation (same losses and rotations up to float summation order); only rank 0 writes."""
+    from common.llm import read_config
+
+    root, model_dir = tiny
+    args = ["--model", model_dir, "--w_bits", 16, "--a_bits", 4, "--k_bits", 4, "--v_bits", 4, "--cal_dataset",
+            root / "cal.txt", "--nsamples", 4, "--seqlen", 32, "--iters", 3, "--bsz", 2, "--lr", 1.0,
+            "--device", "cpu", "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               str(ROOT / "spinquant" / "optimize_rotation.py"), *map(str, args),
+               "--output_rotation_path", str(out / "R.bin"), "--output_dir", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("wrote") == 1  # rank 0 alone writes
+        runs[n] = (json.loads((out / "results.json").read_text()), load_rotations(out / "R.bin",
+                                                                                  read_config(str(model_dir))))
+    (rec1, rot1), (rec2, rot2) = runs[1], runs[2]
+    assert rec2["world_size"] == 2 and rec1["world_size"] == 1
+    assert [h["loss"] for h in rec2["history"]] == pytest.approx([h["loss"] for h in rec1["history"]], rel=1e-5)
+    assert torch.allclose(rot2.R1, rot1.R1, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(rot2.R2, rot1.R2))
+    assert rec1["history"][-1]["loss"] != rec1["history"][0]["loss"]  # the rotations did move
+
+
 def _one_line_exit(capsys, entry, argv) -> str:
     with pytest.raises(SystemExit) as exc:
         entry([str(a) for a in argv])
