@@ -6,7 +6,7 @@ times with the paper's quantizer settings (per-channel asymmetric weights with M
 asymmetric activations with clip ratio 0.9, W4A4, rotated) on a small calibration set, and prints held-out
 perplexity side by side.  Each run's results.json lands under --output_dir; the table goes to quickstart.json too.
 
-    python fake_quant/quickstart.py            # about 6 minutes on 2 CPU cores
+    python fake_quant/quickstart.py            # 6 to 7 minutes on 2 CPU cores
 """
 from __future__ import annotations
 
