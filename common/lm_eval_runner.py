@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["run_lm_eval", "validate_tasks", "task_score"]
+__all__ = ["run_lm_eval", "validate_tasks", "task_score", "require_chat_template"]
 
 METRICS = ("acc", "acc_norm")
 SCORE_ORDER = ("acc_norm", "acc", "exact_match", "exact_match,strict-match")  # a task's headline metric
@@ -51,6 +51,12 @@ def validate_tasks(tasks: list[str], include_path: str | Path | None = None):
         raise ValueError(f"unknown lm-eval task(s) {unknown}; e.g. piqa, hellaswag, arc_easy, arc_challenge, "
                          f"winogrande, lambada_openai ({len(known)} known; `lm_eval ls tasks` lists them)")
     return manager
+
+
+def require_chat_template(tokenizer) -> None:
+    """ValueError unless `tokenizer` has a chat template (needed for chat_template=True)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -93,8 +99,8 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str], batch_size: int, 
         raise ValueError(f"limit must be a positive int (examples) or float fraction, got {limit!r}")
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise ValueError(f"num_fewshot must be a non-negative int, got {num_fewshot!r}")
-    if chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    if chat_template:
+        require_chat_template(tokenizer)
     manager = validate_tasks(tasks, include_path)
 
     import lm_eval

@@ -121,9 +121,8 @@ def row_from_record(rec: dict, run: str = "", group: str = ".") -> dict | None:
     row["quant_s"] = _num(seconds.get("quantize"))
     row["quant_hours"] = None if row["quant_s"] is None else row["quant_s"] / 3600.0  # for paper matching only
     # activation quantizers during calibration: --quant_order, by default off for GPTQ (W->A) and on for GPTAQ (A->W)
-    order = cfg.get("quant_order", "auto") if isinstance(cfg, dict) else "auto"
     row["q_order"] = {"w_first": "W->A", "a_first": "A->W"}.get(
-        order, "A->W" if row["method"] in GPTAQ_METHODS else "W->A")
+        cfg.get("quant_order"), "A->W" if row["method"] in GPTAQ_METHODS else "W->A")
     row["peak_gib"] = _peak_gib(rec.get("peak_memory"))
     row["_layers"] = [r for r in rec.get("layers") or [] if isinstance(r, dict)]
     return row

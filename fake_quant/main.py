@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import distributed, llm, streaming  # noqa: E402
-from common.lm_eval_runner import task_score  # noqa: E402
+from common.lm_eval_runner import require_chat_template, task_score  # noqa: E402
 from common.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results  # noqa: E402
 from fake_quant.args import method_name, parse_args, run_name, validate_model_config  # noqa: E402
 
@@ -58,7 +58,7 @@ def settings_from_args(args):
     from common.driver import WeightQuantConfig
     from common.kv_quant import KVQuantConfig
 
-    method = "gptaq" if args.gptaq and method_name(args) != "none" else method_name(args)
+    method = "gptaq" if method_name(args).startswith("gptaq") else method_name(args)  # variants are flags below
     wcfg = WeightQuantConfig(method=method, bits=args.w_bits, sym=not args.w_asym, mse=args.w_clip,
                              group_size=args.w_groupsize, act_order=args.act_order, static_groups=args.static_groups,
                              percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact,
@@ -177,9 +177,11 @@ def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: 
 
 def check_chat_template(args, tokenizer) -> None:
     """--lm_eval_chat_template needs a tokenizer with a chat template: say so before any long work."""
-    if args.lm_eval_chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise SystemExit(f"error: --lm_eval_chat_template: the tokenizer of {args.load_qmodel_path or args.model} "
-                         "has no chat template")
+    if args.lm_eval_chat_template:
+        try:
+            require_chat_template(tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"error: --lm_eval_chat_template: {e} ({args.load_qmodel_path or args.model})") from None
 
 
 @contextmanager
