@@ -4,8 +4,9 @@ Usage: python bench/check_fused.py [--shape 2048x4096] [--quick] [--json out.jso
 Runs GPTQ, GPTAQ (P form) and GPTAQ exact with backend="triton" and backend="torch" on the same random correlated
 inputs (bench/solver.py's) for per-channel and group grids (fitted at each group start or static), act-order,
 sym/asym, MSE clip search, 2..4 bits and no rounding (bits=16: weights compared instead of codes), and exits with
-status 1 if any agreement is below --min_agree.  On CUDA it also solves GPTAQ with P in float32 (the default) and
-in TF32 (`common.solvers.P_TF32`) and compares both with a float64 solve (codes, asymmetric objective).
+status 1 if any agreement is below --min_agree.  On CUDA it also solves GPTAQ (P form and exact) with its extra
+products in each precision of `common.solvers.ASYM_MATMULS` (split TF32, the default; float32; plain TF32) and
+compares each with a float64 solve (codes, asymmetric objective).
 On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps four representative
 cases, as tests/test_fused_solver.py does).
 """
@@ -61,17 +62,20 @@ def compare(W, H, dXXT, method: str, kw: dict) -> dict:
     return dict(method=method, agree=agree, rel_weight_diff=rel)
 
 
-def precision_check(W, H, dXXT, kw: dict) -> dict:
-    """GPTAQ with P (and its trailing GEMM) in TF32 and in float32, each against a float64 solve: same codes, and
-    the asymmetric objective of all three."""
-    ref = gptaq_quantize(W.double(), H.double(), dXXT.double(), backend="torch", **kw)
+def precision_check(W, H, dXXT, kw: dict, exact: bool) -> dict:
+    """GPTAQ with its extra products in each precision of solvers.ASYM_MATMULS, each against a float64 solve: the
+    share of equal codes, and the asymmetric objective of all of them."""
+    ref = gptaq_quantize(W.double(), H.double(), dXXT.double(), exact=exact, backend="torch", **kw)
     out = dict(asym_loss_fp64=proxy_loss(W, ref.weight, H, dXXT)["asym_loss"])
-    for label, tf32 in (("fp32", False), ("tf32", True)):
-        solvers.P_TF32 = tf32
-        r = gptaq_quantize(W, H, dXXT, **kw)
-        out[f"agree_{label}_vs_fp64"] = float((r.codes == ref.codes).float().mean())
-        out[f"asym_loss_{label}"] = proxy_loss(W, r.weight, H, dXXT)["asym_loss"]
-    solvers.P_TF32 = False
+    default = solvers.ASYM_MATMUL
+    try:
+        for mode in solvers.ASYM_MATMULS:
+            solvers.ASYM_MATMUL = mode
+            r = gptaq_quantize(W, H, dXXT, exact=exact, **kw)
+            out[f"agree_{mode}_vs_fp64"] = float((r.codes == ref.codes).float().mean())
+            out[f"asym_loss_{mode}"] = proxy_loss(W, r.weight, H, dXXT)["asym_loss"]
+    finally:
+        solvers.ASYM_MATMUL = default
     return out
 
 
@@ -100,16 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         worst = min(worst, row["agree"])
         out.append(row)
         print(f"| {label} | {method} | {100 * row['agree']:.3f}% | {row['rel_weight_diff']:.1e} |", flush=True)
-    tf32 = []
-    if device.type == "cuda":  # TF32 exists only on CUDA: measure what it changes, against a float64 solve
-        print("| GPTAQ, P in | same codes as float64: float32 P | TF32 P | asym. objective: float64 | float32 P | "
-              "TF32 P |")
-        print("|---|---|---|---|---|---|")
+    precision = []
+    if device.type == "cuda":  # TF32 exists only on CUDA: measure what each precision changes against float64
+        modes = solvers.ASYM_MATMULS
+        print("| GPTAQ | same codes as float64: " + " | ".join(modes) + " | asym. objective: float64 | "
+              + " | ".join(modes) + " |")
+        print("|---|" + "---|" * (2 * len(modes) + 1))
         for label, kw in settings(group)[:7:3]:
-            row = dict(setting=label, **precision_check(W, H, dXXT, kw))
-            tf32.append(row)
-            print(f"| {label} | {100 * row['agree_fp32_vs_fp64']:.3f}% | {100 * row['agree_tf32_vs_fp64']:.3f}% | "
-                  f"{row['asym_loss_fp64']:.6g} | {row['asym_loss_fp32']:.6g} | {row['asym_loss_tf32']:.6g} |")
+            for exact in (False, True):
+                row = dict(setting=label, exact=exact, **precision_check(W, H, dXXT, kw, exact))
+                precision.append(row)
+                print(f"| {label}{' exact' if exact else ''} | "
+                      + " | ".join(f"{100 * row[f'agree_{m}_vs_fp64']:.3f}%" for m in modes)
+                      + f" | {row['asym_loss_fp64']:.6g} | "
+                      + " | ".join(f"{row[f'asym_loss_{m}']:.6g}" for m in modes) + " |", flush=True)
     ok = worst >= args.min_agree
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
     print(f"{name}: worst agreement {100 * worst:.3f}% (need {100 * args.min_agree:.1f}%): {'OK' if ok else 'FAIL'}")
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, shape=[rows, cols], seed=args.seed,
-                           worst=worst, ok=ok, results=out, tf32_p=tf32), f, indent=2)
+                           worst=worst, ok=ok, results=out, asym_precision=precision), f, indent=2)
         os.replace(tmp, args.json)
     return 0 if ok else 1
 

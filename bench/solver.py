@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--act_order", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no_baseline", action="store_true", help="skip the published-loop baseline")
-    p.add_argument("--p_tf32", action="store_true", help="GPTAQ's P and its trailing GEMM in TF32 (solvers.P_TF32)")
+    p.add_argument("--asym_matmul", choices=solvers.ASYM_MATMULS, default=solvers.ASYM_MATMUL,
+                   help="precision of GPTAQ's extra products on CUDA (solvers.ASYM_MATMUL; default %(default)s)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    solvers.P_TF32 = args.p_tf32
+    solvers.ASYM_MATMUL = args.asym_matmul
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     kw = dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(device=name, torch=torch.__version__, triton=_triton_version(), date=time.strftime("%Y-%m-%d"),
                   matmul_tflops=rate / 1e12, config=vars(args), results=rows_out)
     print(f"device: {name}, torch {torch.__version__}, triton {result['triton']}, bits {args.bits}, "
-          f"group {args.group_size}, act_order {args.act_order}, float32, TF32 {'for P only' if args.p_tf32 else 'off'}, "
+          f"group {args.group_size}, act_order {args.act_order}, float32 (GPTAQ's extra products: {args.asym_matmul}), "
           f"median of {args.repeats}; "
           f"float32 matmul {rate / 1e12:.2f} TFLOP/s")
     best = backends[-1]

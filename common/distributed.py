@@ -3,8 +3,8 @@
 The calibration batches are sharded round robin over R ranks; rank r accumulates its own sums and the statistics
 of all ranks are added with one all-reduce, so every rank holds
     H = (2/N) sum_{r} sum_{t in shard r} x~_t x~_t^T,    dXXT = (2/N) sum_r sum_t (x_t - x~_t) x~_t^T,
-with N the token count of all ranks.  The sums are kept in float64 (each batch's product in float32), which makes
-them independent of how the batches are split over ranks, so R processes produce the same H as one process.
+with N the token count of all ranks.  The sums are kept in float64 (each batch's product in float32, on TF32
+tensor cores when the activations are float16/bfloat16, where that is exact: common.tf32), which makes them independent of how the batches are split over ranks, so R processes produce the same H as one process.
 Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op for a single rank.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import tf32
 
 __all__ = ["launched", "init", "shutdown", "world_size", "rank", "is_main", "barrier", "shard", "owner",
            "broadcast_", "broadcast_module_", "all_reduce_sum_", "all_gather_object", "SummedHessian"]
@@ -143,14 +145,32 @@ class SummedHessian:
             raise RuntimeError("SummedHessian: add() after H was read")
         if x_tilde.shape[-1] != self.columns:
             raise ValueError(f"expected inputs with {self.columns} features, got shape {tuple(x_tilde.shape)}")
+        if self._D is not None and (x is None or x.shape != x_tilde.shape):
+            raise ValueError("GPTAQ statistics need the full-precision input x with the same shape as x_tilde")
+        # fp16/bf16 activations on CUDA: TF32 products are exact (common.tf32); dX = X - X~ is split into hi + lo
+        exact = self._S.is_cuda and x_tilde.dtype in tf32.EXACT_DTYPES and (x is None or x.dtype in tf32.EXACT_DTYPES)
         xt = x_tilde.reshape(-1, self.columns).to(self._S.device, torch.float32)
-        self._S.add_(xt.t() @ xt)
-        if self._D is not None:
-            if x is None or x.shape != x_tilde.shape:
-                raise ValueError("GPTAQ statistics need the full-precision input x with the same shape as x_tilde")
-            dx = x.reshape(-1, self.columns).to(self._S.device, torch.float32) - xt
-            self._D.add_(dx.t() @ xt)
+        with tf32.tf32(exact):
+            self._S.add_(xt.t() @ xt)
+            if self._D is not None:
+                dx = x.reshape(-1, self.columns).to(self._S.device, torch.float32) - xt
+                if exact:
+                    hi, lo = tf32.split(dx)
+                    self._D.add_(torch.addmm(hi.t() @ xt, lo.t(), xt))
+                else:
+                    self._D.add_(dx.t() @ xt)
         self.nsamples += xt.shape[0]
+
+    def clone(self) -> "SummedHessian":
+        """An independent copy (same sums and token count) that later batches can go on adding to."""
+        if self._S is None:
+            raise RuntimeError("SummedHessian: clone() after H was read")
+        twin = SummedHessian(self.columns, self._S.device, self._asymmetric)
+        twin.nsamples = self.nsamples
+        twin._S.copy_(self._S)
+        if self._D is not None:
+            twin._D.copy_(self._D)
+        return twin
 
     def all_reduce(self) -> None:
         """Sum the token counts and raw sums of all ranks (every rank gets the totals); no-op in one process."""

@@ -96,11 +96,13 @@ def _block_device(block: nn.Module) -> torch.device:
 
 
 class _GroupRecorder:
-    """Forward pre-hooks on a group's linears: pass each input to `sink(name, x)`; stop the block's forward once
-    every linear of the group has been called (each linear is assumed to run once per block forward)."""
+    """Forward pre-hooks on a group's linears: pass each input to `sink(name, x)`; once every linear of the group
+    has been called (each linear is assumed to run once per block forward), stop the block's forward, or with
+    stop=False let it run to its end and return its output."""
 
-    def __init__(self, block: nn.Module, names: list[str], sink: Callable[[str, torch.Tensor], None]):
-        self.names, self.sink, self.seen = names, sink, set()
+    def __init__(self, block: nn.Module, names: list[str], sink: Callable[[str, torch.Tensor], None],
+                 stop: bool = True):
+        self.names, self.sink, self.stop, self.seen = names, sink, stop, set()
         self.handles = [_weight_module(block.get_submodule(n)).register_forward_pre_hook(self._hook(n))
                         for n in names]
 
@@ -108,20 +110,22 @@ class _GroupRecorder:
         def hook(module, args):
             self.sink(name, args[0])
             self.seen.add(name)
-            if len(self.seen) == len(self.names):
+            if self.stop and len(self.seen) == len(self.names):
                 raise _StopForward
         return hook
 
-    def run(self, run_block: Callable, block: nn.Module, x: torch.Tensor) -> None:
+    def run(self, run_block: Callable, block: nn.Module, x: torch.Tensor):
         self.seen = set()
+        out = None
         try:
-            run_block(block, x)
+            out = run_block(block, x)
         except _StopForward:
             pass
         missing = set(self.names) - self.seen
         if missing:
             raise RuntimeError(f"linears {sorted(missing)} were not called by the block's forward; "
                                "check sublayer_groups")
+        return out
 
     def remove(self) -> None:
         for h in self.handles:
@@ -139,34 +143,68 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
 @torch.no_grad()
-def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric):
-    """H (and dXXT) of every linear in `names`, over all batches."""
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None):
+    """H (and dXXT) of every linear in `names`, over all batches.
+
+    Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
+    quantizers) share one accumulator, so each distinct input is accumulated once: the first batch compares every
+    linear's inputs with the group's earlier ones, each later batch checks that they still agree, and a linear whose
+    inputs stop agreeing takes a copy of the sums so far and continues on its own.
+    advance_fp(b, out): the full-precision block runs to its end and hands over its output for batch b (the FP
+    stream's advance, which then needs no second pass of the unchanged FP block).
+    """
     stats: dict[str, HessianAccumulator] = {}
-    for n in names:
-        stats[n] = HessianAccumulator(_weight_module(block.get_submodule(n)).weight.shape[1], device, asymmetric)
+    leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
     fp_seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, tuple] = {}  # this batch: name -> (x~, x)
 
     def fp_sink(name, x):
         fp_seen[name] = x
 
     def q_sink(name, x):
-        stats[name].add(x, fp_seen.pop(name) if asymmetric else None)
+        seen[name] = (x, fp_seen.pop(name) if asymmetric else None)
+
+    def accumulate():
+        for name in names:
+            x, fp = seen[name]
+            if name not in leader:  # first batch
+                leader[name] = next((o for o in names if o in leader and leader[o] == o
+                                     and _same(seen[o][0], x) and _same(seen[o][1], fp)), name)
+                stats[name] = (HessianAccumulator(x.shape[-1], device, asymmetric) if leader[name] == name
+                               else stats[leader[name]])
+            elif leader[name] != name and not (_same(seen[leader[name]][0], x) and _same(seen[leader[name]][1], fp)):
+                stats[name] = stats[leader[name]].clone()  # the earlier batches agreed: their sums are shared
+                leader[name] = name
+        for name in names:
+            if leader[name] == name:
+                stats[name].add(*seen[name])
+        seen.clear()
 
     q_rec = _GroupRecorder(block, names, q_sink)
-    fp_rec = _GroupRecorder(fp_block, names, fp_sink) if asymmetric else None
+    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) if asymmetric else None
     try:
         for b in range(len(xq)):
             if asymmetric:
-                fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
+                out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
+                if advance_fp is not None:
+                    advance_fp(b, out)
             q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
+            accumulate()
     finally:
         q_rec.remove()
         if fp_rec is not None:
             fp_rec.remove()
-    if distributed.world_size() > 1:
-        for acc in stats.values():
-            acc.all_reduce()
+    if distributed.world_size() > 1:  # every linear its own sums, so that all ranks make the same all-reduces
+        for name in names:
+            if leader[name] != name:
+                stats[name] = stats[name].clone()
+        for name in names:
+            stats[name].all_reduce()
     return stats
 
 
@@ -251,9 +289,15 @@ def quantize_blocks(
             set_act_quant(fp_block, False)
         block_records, block_results = [], {}
         times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
-        for group in sublayer_groups(block):
+        groups = sublayer_groups(block)
+        for gi, group in enumerate(groups):
             t0 = _now(device)
-            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric) \
+            # GPTAQ: the last group's capture runs the FP block to its end and advances the FP stream
+            advance_fp = None
+            if asymmetric and gi == len(groups) - 1:
+                def advance_fp(b, out):
+                    xfp[b] = _to(_output(out), stream_device, pin)
+            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
                 if needs_data else {}
             t1 = _now(device)
             times["capture_s"] += t1 - t0
@@ -283,11 +327,8 @@ def quantize_blocks(
             times["solve_s"] += _now(device) - t1
         t0 = _now(device)
         with torch.no_grad():
-            for b in range(len(xq)):
+            for b in range(len(xq)):  # (the FP stream advanced during the last group's capture)
                 xq[b] = _to(_output(run_block(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
-                if asymmetric:
-                    xfp[b] = _to(_output(run_block(fp_block, xfp[b].to(device, non_blocking=True))),
-                                 stream_device, pin)
         del fp_block
         times["forward_s"] += _now(device) - t0
         if block_times is not None:

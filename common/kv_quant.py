@@ -130,19 +130,40 @@ def _rope_dispatch(rope_fn: Callable, q: torch.Tensor, k: torch.Tensor, *args, *
     return kvq.rope(rope_fn, q, k, *args, **kwargs)
 
 
+def _with_rope_dispatch(fn: types.FunctionType) -> types.FunctionType | None:
+    """fn's code with `apply_rotary_pos_emb` resolved to `_rope_dispatch`; None when fn does not call it.
+
+    A decorated forward (functools.wraps-style wrappers, e.g. transformers' deprecate_kwarg) is rebuilt around the
+    patched inner function, so the decorator's behaviour stays."""
+    inner = getattr(fn, "__wrapped__", None)
+    if isinstance(inner, types.FunctionType):
+        cells = fn.__closure__ or ()
+        new_inner = _with_rope_dispatch(inner)
+        if new_inner is None or not any(c.cell_contents is inner for c in cells):
+            return None
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in cells)
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        new.__dict__.update(fn.__dict__)
+        new.__wrapped__ = new_inner
+    elif ROPE_FN in fn.__code__.co_names and ROPE_FN in fn.__globals__:
+        scope = dict(fn.__globals__)
+        scope[ROPE_FN] = functools.partial(_rope_dispatch, fn.__globals__[ROPE_FN])
+        new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        return None
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
 @functools.cache
 def _patched_forward(cls: type) -> types.FunctionType:
     """cls.forward's code with `apply_rotary_pos_emb` resolved to `_rope_dispatch` (one per attention class)."""
     fn = cls.forward
-    if not isinstance(fn, types.FunctionType) or ROPE_FN not in fn.__code__.co_names \
-            or ROPE_FN not in fn.__globals__:
+    new = _with_rope_dispatch(fn) if isinstance(fn, types.FunctionType) else None
+    if new is None:
         raise ValueError(f"{cls.__name__}.forward does not call the module-level {ROPE_FN}; "
                          "KV-cache quantization supports Llama/Qwen2/Qwen3/Mistral-style attention")
-    scope = dict(fn.__globals__)
-    scope[ROPE_FN] = functools.partial(_rope_dispatch, fn.__globals__[ROPE_FN])
-    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__ = fn.__qualname__
     return new
 
 

@@ -18,13 +18,13 @@ as a PyTorch loop (`backend="torch"`, CPU and checking); the GEMMs, the factoriz
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from . import tf32
 from .grid import check_bits, dequantize, quantize_codes
 from .quantizer import fit_grid
 
@@ -41,9 +41,14 @@ BACKENDS = ("auto", "triton", "torch")  # column walk: Triton kernel (common/fus
 MAX_WALK = 128  # most columns one column walk (kernel launch) covers
 PANEL = 2048  # panel width of the triangular products and the triangular inverse (measured best on an H100)
 CPU_PANEL = 128  # the same on CPU, where smaller GEMMs lose little and skipping U's zero blocks pays (2.5x at n=1536)
-# Opt-in: GPTAQ's P and its trailing GEMM in TF32 on CUDA (30% less time on 8192x28672, same asymmetric objective,
-# but 98.5-99.3% of codes equal a float64 solve's, against 99.89-99.92% for float32; bench/check_fused.py measures).
-P_TF32 = False
+# Precision of GPTAQ's extra products on CUDA float32 (P, its trailing GEMM, exact's W dXXT H^-1; CPU and float64
+# always use plain products):
+#   "split"   each float32 product from three TF32 products (common.tf32.addmm_split_): float32-level accuracy,
+#   "float32" plain float32 GEMMs,
+#   "tf32"    one TF32 product: fastest, but 98.5-99.3% of codes equal a float64 solve's against 99.9% for float32
+#             (bench/check_fused.py measures all three).
+ASYM_MATMULS = ("split", "float32", "tf32")
+ASYM_MATMUL = "split"
 
 
 class SolverError(ValueError):
@@ -131,53 +136,58 @@ def _upper_inverse(R: torch.Tensor, panel: int | None = None) -> torch.Tensor:
     return Rinv
 
 
+def _asym_mode(M: torch.Tensor) -> str:
+    """The precision of GPTAQ's extra products for operands like M (see ASYM_MATMUL)."""
+    if ASYM_MATMUL not in ASYM_MATMULS:
+        raise SolverError(f"ASYM_MATMUL must be one of {ASYM_MATMULS}, got {ASYM_MATMUL!r}")
+    return ASYM_MATMUL if M.is_cuda and M.dtype == torch.float32 else "float32"
+
+
+def _addmm(mode: str, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """c += alpha * a @ b in `mode` ("float32" and "tf32": one product; "split": three TF32 products).  TF32 itself
+    is switched on around the call sites (`tf32.tf32(mode != "float32")`)."""
+    if mode == "split":
+        return tf32.addmm_split_(c, a, b, alpha)
+    return c.addmm_(a, b, alpha=alpha)
+
+
 def _mm_upper(X: torch.Tensor, U: torch.Tensor, *, transpose: bool, strict_upper_out: bool = False,
-              panel: int | None = None) -> torch.Tensor:
+              panel: int | None = None, mode: str = "float32") -> torch.Tensor:
     """X @ U^T (transpose) or X @ U for upper-triangular U, skipping U's zero blocks (half the dense flops).
 
     Column panel J of X U^T reads X[:, j1:]; of X U it reads X[:, :j2].  strict_upper_out (square X, X U^T only)
-    computes just the rows i < j2 of panel J and returns triu_1(X U^T).
+    computes just the rows i < j2 of panel J and returns triu_1(X U^T).  Products in `mode` (see `_addmm`).
     """
     n = U.shape[0]
     b = panel or _panel(n, X.device)
-    out = (torch.zeros if strict_upper_out else torch.empty)(X.shape[0], n, dtype=X.dtype, device=X.device)
+    out = torch.zeros(X.shape[0], n, dtype=X.dtype, device=X.device)
     for j1 in range(0, n, b):
         j2 = min(j1 + b, n)
         if transpose:
             rows = j2 if strict_upper_out else X.shape[0]
-            out[:rows, j1:j2] = X[:rows, j1:] @ U[j1:j2, j1:].T
+            _addmm(mode, out[:rows, j1:j2], X[:rows, j1:], U[j1:j2, j1:].T)
         else:
-            out[:, j1:j2] = X[:, :j2] @ U[:j2, j1:j2]
+            _addmm(mode, out[:, j1:j2], X[:, :j2], U[:j2, j1:j2])
     return out.triu_(1) if strict_upper_out else out
 
 
-def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | None = None) -> torch.Tensor:
+def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | None = None,
+                mode: str = "float32") -> torch.Tensor:
     """GPTAQ's P = alpha * triu_1(dXXT U^T) U (processing order), computed tile by tile over the nonzero blocks.
 
     Both factors are triangular, so P[I, J] = M[I, I..J] U[I..J, J] with M = triu_1(dXXT U^T): about 2n^3/3 flops
-    against 4n^3 for the two dense products.
+    against 4n^3 for the two dense products.  Products in `mode` (see `_addmm`).
     """
     n = U.shape[0]
     b = panel or _panel(n, U.device)
-    M = _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=b).mul_(alpha)
+    M = _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=b, mode=mode).mul_(alpha)
     P = torch.zeros_like(M)
     for i1 in range(0, n, b):
         i2 = min(i1 + b, n)
         for j1 in range(i1, n, b):
             j2 = min(j1 + b, n)
-            P[i1:i2, j1:j2] = M[i1:i2, i1:j2] @ U[i1:j2, j1:j2]
+            _addmm(mode, P[i1:i2, j1:j2], M[i1:i2, i1:j2], U[i1:j2, j1:j2])
     return P
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    """TF32 for CUDA float32 matmuls inside the block (legacy flag, which keeps torch's two TF32 settings in step)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
@@ -323,16 +333,19 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     if permuted:
         W = W[:, perm]
     P = None
+    mode = _asym_mode(W)
     if dXXT is not None:
         D = dXXT[perm][:, perm] if permuted else dXXT
         del dXXT
-        if exact:
-            # V = W + alpha W dXXT H^-1: the least-squares target of min ||Q X~ - W X||; GPTQ on V is the exact greedy.
-            # In processing order H^-1 = U^T U.
-            W += alpha * _mm_upper(_mm_upper(W @ D, U, transpose=True), U, transpose=False)
-        else:
-            with _tf32(P_TF32):
-                P = asym_matrix(D, U, alpha)
+        with tf32.tf32(mode != "float32"):
+            if exact:
+                # V = W + alpha W dXXT H^-1: the least-squares target of min ||Q X~ - W X||; GPTQ on V is the exact
+                # greedy.  In processing order H^-1 = U^T U.
+                WD = _addmm(mode, torch.zeros_like(W), W, D)
+                W += alpha * _mm_upper(_mm_upper(WD, U, transpose=True, mode=mode), U, transpose=False, mode=mode)
+                del WD
+            else:
+                P = asym_matrix(D, U, alpha, mode=mode)
             if p_term_only:  # no error feedback: updates use only U's diagonal (err = (w - q) / U_ii) and P
                 U = torch.diag(torch.diagonal(U))
         del D
@@ -386,13 +399,13 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
                     W[:, s2:i2].addmm_(W[:, s1:s2], P[s1:s2, s2:i2])
         Q[:, i1:i2] = -A[:, n1:]
         if i2 < cols:
-            if P is not None and not P_TF32:
+            if P is not None and mode == "float32":
                 W[:, i2:].addmm_(A, torch.cat((U[i1:i2, i2:], P[i1:i2, i2:])), alpha=-1)
             else:
                 W[:, i2:].addmm_(A[:, :n1], U[i1:i2, i2:], alpha=-1)
                 if P is not None:
-                    with _tf32(P_TF32):
-                        W[:, i2:].addmm_(A[:, n1:], P[i1:i2, i2:], alpha=-1)
+                    with tf32.tf32():
+                        _addmm(mode, W[:, i2:], A[:, n1:], P[i1:i2, i2:], alpha=-1)
     # W now holds every column's value before rounding (kept to count clipping below).
 
     info = {"backend": backend}
