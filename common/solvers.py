@@ -12,7 +12,9 @@ updates), the paper's Table 5 ablation "W P term only".
 `exact=True` solves the same objective as GPTQ on the least-squares target V = W + alpha W dXXT H^-1
 (||Q X~ - W X||^2 = ||(Q - V*) X~||^2 + const for alpha = 1), which is the exact greedy for that objective.
 `order="reverse"` processes columns back to front: GPTQ then is Babai's nearest-plane algorithm (see `babai_bound`).
-All arithmetic is float32 (or the input's float64) on W's device; results come back in W's original column order.
+All arithmetic is float32 (or the input's float64) on W's device; on CUDA, GPTAQ's extra products (P, its trailing
+GEMM, exact's W dXXT H^-1) may run as split TF32 with float32-level accuracy (`ASYM_MATMUL`, default "split").
+Results come back in W's original column order.
 The in-block column walk runs as one Triton kernel per block on CUDA (`backend="auto"`, common/fused_solver.py) or
 as a PyTorch loop (`backend="torch"`, CPU and checking); the GEMMs, the factorization and P are shared.
 """

@@ -393,3 +393,23 @@ def test_capture_inputs_hooks_accumulate_symmetric_and_asymmetric():
     flat_fp = torch.cat([x.reshape(-1, 16) for x in fp]).double()
     assert torch.allclose(stats["lin"].dXXT.double(), 2 / flat.shape[0] * (flat_fp - flat).T @ flat, atol=1e-5)
     assert not lin._forward_hooks  # hooks removed on exit
+
+
+def test_asym_matmul_setting_is_checked_and_cpu_keeps_plain_products(monkeypatch):
+    """ASYM_MATMUL picks the precision of GPTAQ's extra products on CUDA; on the CPU every choice gives the float32
+    solve, and an unknown value is a SolverError."""
+    from common import solvers
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 32, generator=g)
+    X = torch.randn(32, 96, generator=g)
+    X[1] += 0.9 * X[0]
+    Xt = X + 0.1 * torch.randn(X.shape, generator=g)
+    H, dXXT = (2 / 96) * Xt @ Xt.T, (2 / 96) * (X - Xt) @ Xt.T
+    ref = gptaq(W, H, dXXT, bits=4)
+    for mode in solvers.ASYM_MATMULS:
+        monkeypatch.setattr(solvers, "ASYM_MATMUL", mode)
+        assert torch.equal(gptaq(W, H, dXXT, bits=4), ref)
+    monkeypatch.setattr(solvers, "ASYM_MATMUL", "bf16")
+    with pytest.raises(SolverError, match="ASYM_MATMUL"):
+        gptaq(W, H, dXXT, bits=4)
