@@ -4,7 +4,8 @@ The calibration batches are sharded round robin over R ranks; rank r accumulates
 of all ranks are added with one all-reduce, so every rank holds
     H = (2/N) sum_{r} sum_{t in shard r} x~_t x~_t^T,    dXXT = (2/N) sum_r sum_t (x_t - x~_t) x~_t^T,
 with N the token count of all ranks.  The sums are kept in float64 (each batch's product in float32, on TF32
-tensor cores when the activations are float16/bfloat16, where that is exact: common.tf32), which makes them independent of how the batches are split over ranks, so R processes produce the same H as one process.
+tensor cores when the activations are float16/bfloat16, where that is exact: common.tf32), which makes them
+independent of how the batches are split over ranks, so R processes produce the same H as one process.
 Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op for a single rank.
 """
 from __future__ import annotations

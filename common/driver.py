@@ -169,15 +169,17 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
     def q_sink(name, x):
         seen[name] = (x, fp_seen.pop(name) if asymmetric else None)
 
+    def agrees(other, x, fp):
+        return _same(seen[other][0], x) and _same(seen[other][1], fp)
+
     def accumulate():
         for name in names:
             x, fp = seen[name]
             if name not in leader:  # first batch
-                leader[name] = next((o for o in names if o in leader and leader[o] == o
-                                     and _same(seen[o][0], x) and _same(seen[o][1], fp)), name)
+                leader[name] = next((o for o in names if leader.get(o) == o and agrees(o, x, fp)), name)
                 stats[name] = (HessianAccumulator(x.shape[-1], device, asymmetric) if leader[name] == name
                                else stats[leader[name]])
-            elif leader[name] != name and not (_same(seen[leader[name]][0], x) and _same(seen[leader[name]][1], fp)):
+            elif leader[name] != name and not agrees(leader[name], x, fp):
                 stats[name] = stats[leader[name]].clone()  # the earlier batches agreed: their sums are shared
                 leader[name] = name
         for name in names:
