@@ -47,8 +47,8 @@ CPU_PANEL = 128  # the same on CPU, where smaller GEMMs lose little and skipping
 # always use plain products):
 #   "split"   each float32 product from three TF32 products (common.tf32.addmm_split_): float32-level accuracy,
 #   "float32" plain float32 GEMMs,
-#   "tf32"    one TF32 product: fastest, but 98.5-99.3% of codes equal a float64 solve's against 99.9% for float32
-#             (bench/check_fused.py measures all three).
+#   "tf32"    one TF32 product: fastest, but only 95.0-99.3% of codes equal a float64 solve's (P form and exact),
+#             against 99.86-99.92% for float32 (bench/check_fused.py measures all three; bench/RESULTS.md).
 ASYM_MATMULS = ("split", "float32", "tf32")
 ASYM_MATMUL = "split"
 
