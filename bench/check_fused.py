@@ -1,12 +1,12 @@
 """Check the Triton column walk against the PyTorch walk: same codes on >= 99.9% of entries, every setting.
 
 Usage: python bench/check_fused.py [--shape 2048x4096] [--quick] [--json out.json]
-Runs GPTQ, GPTAQ (P form) and GPTAQ exact with backend="triton" and backend="torch" on the same random correlated
+Runs GPTQ, GPTAQ (default M form) and GPTAQ exact with backend="triton" and backend="torch" on the same random correlated
 inputs (bench/solver.py's) for per-channel and group grids (fitted at each group start or static), act-order,
 sym/asym, MSE clip search, 2..4 bits and no rounding (bits=16: weights compared instead of codes), and exits with
 status 1 if any agreement is below --min_agree.  On CUDA it also solves GPTAQ (P form and exact) with its extra
-products in each precision of `common.solvers.ASYM_MATMULS` (split TF32, the default; float32; plain TF32) and
-compares each with a float64 solve (codes, asymmetric objective).
+products in each precision of `common.solvers.ASYM_MATMULS` (split TF32, the default; float32; plain TF32), in the
+M form, the published P form and exact, and compares each with a float64 solve (codes, asymmetric objective).
 On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps four representative
 cases, as tests/test_fused_solver.py does).
 """
@@ -62,20 +62,22 @@ def compare(W, H, dXXT, method: str, kw: dict) -> dict:
     return dict(method=method, agree=agree, rel_weight_diff=rel)
 
 
-def precision_check(W, H, dXXT, kw: dict, exact: bool) -> dict:
-    """GPTAQ with its extra products in each precision of solvers.ASYM_MATMULS, each against a float64 solve: the
-    share of equal codes, and the asymmetric objective of all of them."""
-    ref = gptaq_quantize(W.double(), H.double(), dXXT.double(), exact=exact, backend="torch", **kw)
-    out = dict(asym_loss_fp64=proxy_loss(W, ref.weight, H, dXXT)["asym_loss"])
-    default = solvers.ASYM_MATMUL
+def precision_check(W, H, dXXT, kw: dict, exact: bool, form: str = "m") -> dict:
+    """GPTAQ (cross-block term in `form`, see solvers.ASYM_FORM) with its extra products in each precision of
+    solvers.ASYM_MATMULS, each against a float64 solve: the share of equal codes, and the asymmetric objective of all
+    of them."""
+    default, default_form = solvers.ASYM_MATMUL, solvers.ASYM_FORM
+    solvers.ASYM_FORM = form
     try:
+        ref = gptaq_quantize(W.double(), H.double(), dXXT.double(), exact=exact, backend="torch", **kw)
+        out = dict(asym_loss_fp64=proxy_loss(W, ref.weight, H, dXXT)["asym_loss"])
         for mode in solvers.ASYM_MATMULS:
             solvers.ASYM_MATMUL = mode
             r = gptaq_quantize(W, H, dXXT, exact=exact, **kw)
             out[f"agree_{mode}_vs_fp64"] = float((r.codes == ref.codes).float().mean())
             out[f"asym_loss_{mode}"] = proxy_loss(W, r.weight, H, dXXT)["asym_loss"]
     finally:
-        solvers.ASYM_MATMUL = default
+        solvers.ASYM_MATMUL, solvers.ASYM_FORM = default, default_form
     return out
 
 
@@ -111,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
               + " | ".join(modes) + " |")
         print("|---|" + "---|" * (2 * len(modes) + 1))
         for label, kw in settings(group)[:7:3]:
-            for exact in (False, True):
-                row = dict(setting=label, exact=exact, **precision_check(W, H, dXXT, kw, exact))
+            for exact, form in ((False, "m"), (False, "p"), (True, "m")):
+                row = dict(setting=label, exact=exact, form=form, **precision_check(W, H, dXXT, kw, exact, form))
                 precision.append(row)
-                print(f"| {label}{' exact' if exact else ''} | "
+                tag = " exact" if exact else (" P form" if form == "p" else "")
+                print(f"| {label}{tag} | "
                       + " | ".join(f"{100 * row[f'agree_{m}_vs_fp64']:.3f}%" for m in modes)
                       + f" | {row['asym_loss_fp64']:.6g} | "
                       + " | ".join(f"{row[f'asym_loss_{m}']:.6g}" for m in modes) + " |", flush=True)

@@ -1,4 +1,4 @@
-"""Time GPTQ, GPTAQ (P form) and GPTAQ exact: published-loop baseline, our PyTorch walk and the Triton walk.
+"""Time GPTQ, GPTAQ (M form and published P form) and GPTAQ exact: published-loop baseline, our PyTorch walk and the Triton walk.
 
 Usage: python bench/solver.py [--shapes 4096x4096,11008x4096,4096x11008,8192x28672] [--repeats 3] [--json out.json]
 On CUDA it uses the paper shapes (float32, TF32 off); without CUDA it uses small shapes (no Triton column) so it
@@ -8,7 +8,8 @@ synchronized.  The baseline is bench/baseline_gptaq.py (per-channel runs only).
 Floor = the solve's FLOPs over the float32 matmul rate measured in the same run (8192^3 product, TF32 off), with
 FLOPs counted for the triangular algorithm (r x n weight, n inputs; a multiply-add is 2 FLOPs):
   GPTQ        Cholesky n^3/3 + triangular inverse n^3/3 + column updates r n^2             = 2n^3/3 + r n^2
-  GPTAQ       + P = alpha triu_1(dXXT U^T) U (two triangular products, n^3/3 each) + r n^2 = 4n^3/3 + 2 r n^2
+  GPTAQ       + M = alpha triu_1(dXXT U^T) (n^3/3) + Q[:, :j1] M[:j1, J] per block (r n^2)  = n^3 + 2 r n^2
+  GPTAQ P     + P = M U (two triangular products, n^3/3 each) + Q_blk P[blk, rest] (r n^2)  = 4n^3/3 + 2 r n^2
   GPTAQ exact GPTQ + W dXXT (2 r n^2) + (.) U^T U (r n^2 each)                             = 2n^3/3 + 5 r n^2
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from common.solvers import gptaq, gptq  # noqa: E402
 
 GPU_SHAPES = "4096x4096,11008x4096,4096x11008,8192x28672"
 CPU_SHAPES = "256x256,688x256,256x688"
-METHODS = ("gptq", "gptaq", "gptaq_exact")
+METHODS = ("gptq", "gptaq", "gptaq_pform", "gptaq_exact")
 
 
 def make_inputs(rows: int, cols: int, device: torch.device, seed: int = 0):
@@ -73,7 +74,19 @@ def matmul_rate(device: torch.device) -> float:
 def solve_flops(method: str, rows: int, n: int) -> float:
     """FLOPs of one solve, counted as in the module docstring."""
     base = 2 * n**3 / 3 + rows * n**2
-    return {"gptq": base, "gptaq": base + 2 * n**3 / 3 + rows * n**2, "gptaq_exact": base + 4 * rows * n**2}[method]
+    return {"gptq": base, "gptaq": base + n**3 / 3 + rows * n**2, "gptaq_pform": base + 2 * n**3 / 3 + rows * n**2,
+            "gptaq_exact": base + 4 * rows * n**2}[method]
+
+
+def _p_form(fn):
+    """fn run with GPTAQ's cross-block term in the published P form (solvers.ASYM_FORM = "p")."""
+    def run(*args):
+        default, solvers.ASYM_FORM = solvers.ASYM_FORM, "p"
+        try:
+            return fn(*args)
+        finally:
+            solvers.ASYM_FORM = default
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         solves = {
             "gptq": (lambda b: gptq(W, H, backend=b, **kw), lambda: baseline_solve(W, H, None, args.bits)),
             "gptaq": (lambda b: gptaq(W, H, dXXT, backend=b, **kw), lambda: baseline_solve(W, H, dXXT, args.bits)),
+            "gptaq_pform": (_p_form(lambda b: gptaq(W, H, dXXT, backend=b, **kw)), None),
             "gptaq_exact": (lambda b: gptaq(W, H, dXXT, exact=True, backend=b, **kw),
                             lambda: baseline_solve(W, H, dXXT, args.bits, exact=True)),
         }
@@ -114,7 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
             row["floor_s"] = row["flops"] / rate
             for b in backends:
                 row[f"{b}_s"] = timed(lambda: ours(b), device, args.repeats)
-            row["baseline_s"] = timed(base, device, args.repeats) if with_baseline else float("nan")
+            if base is None:  # the P form solves GPTAQ's problem: same baseline, timed once
+                row["baseline_s"] = next(x["baseline_s"] for x in rows_out if x["shape"] == row["shape"]
+                                         and x["method"] == "gptaq")
+            else:
+                row["baseline_s"] = timed(base, device, args.repeats) if with_baseline else float("nan")
             best = row[f"{backends[-1]}_s"]
             row["speedup_vs_baseline"] = row["baseline_s"] / best
             row["over_floor"] = best / row["floor_s"]

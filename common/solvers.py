@@ -7,6 +7,9 @@ GPTAQ (GPTQv2) fits Q X~ to the full-precision output W X.  With dXXT = (2/N)(X 
 P = alpha * triu_1(dXXT U^T) U it adds the asymmetric term at each step (published "P form"):
     W[:, i:] -= err_i U[i, i:] - w_i P[i, i:]        (w_i the column before rounding),
 and across lazy blocks W[:, rest] -= Err U[blk, rest] - Q_blk P[blk, rest] (the block after its steps: its rounded Q).
+By default (ASYM_FORM = "m") P is never formed: with M = alpha triu_1(dXXT U^T), P = M U, the cross-block term becomes
+W[:, J] += c_J triu(U[J, J]) before block J (c_J = Q[:, :j1] M[:j1, J]) and Err -> Err - c_J - Q_J M[J, J] in GPTQ's
+own trailing GEMM, the same update with n^3/3 + r n^2 extra work instead of 2n^3/3 + r n^2.
 `p_term_only=True` keeps only the asymmetric term (no GPTQ error feedback: U's off-diagonal is dropped from the
 updates), the paper's Table 5 ablation "W P term only".
 `exact=True` solves the same objective as GPTQ on the least-squares target V = W + alpha W dXXT H^-1
@@ -51,6 +54,11 @@ CPU_PANEL = 128  # the same on CPU, where smaller GEMMs lose little and skipping
 #             against 99.86-99.92% for float32 (bench/check_fused.py measures all three; bench/RESULTS.md).
 ASYM_MATMULS = ("split", "float32", "tf32")
 ASYM_MATMUL = "split"
+# How GPTAQ's cross-block term is formed: "m" (default) keeps M = alpha triu_1(dXXT U^T) and folds the term into
+# GPTQ's trailing GEMM (extra work n^3/3 + r n^2), "p" forms P = M U and applies it with its own trailing GEMM, as
+# published (2n^3/3 + r n^2).  Same result up to float rounding; p_term_only always uses P.
+ASYM_FORMS = ("m", "p")
+ASYM_FORM = "m"
 
 
 class SolverError(ValueError):
@@ -145,6 +153,12 @@ def _asym_mode(M: torch.Tensor) -> str:
     return ASYM_MATMUL if M.is_cuda and M.dtype == torch.float32 else "float32"
 
 
+def _asym_form() -> str:
+    if ASYM_FORM not in ASYM_FORMS:
+        raise SolverError(f"ASYM_FORM must be one of {ASYM_FORMS}, got {ASYM_FORM!r}")
+    return ASYM_FORM
+
+
 def _addmm(mode: str, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """c += alpha * a @ b in `mode` ("float32" and "tf32": one product; "split": three TF32 products).  TF32 itself
     is switched on around the call sites (`tf32.tf32(mode != "float32")`)."""
@@ -173,16 +187,23 @@ def _mm_upper(X: torch.Tensor, U: torch.Tensor, *, transpose: bool, strict_upper
     return out.triu_(1) if strict_upper_out else out
 
 
+def asym_cross(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | None = None,
+               mode: str = "float32") -> torch.Tensor:
+    """M = alpha * triu_1(dXXT U^T) (processing order), the factor of P = M U; only its strict upper part is formed
+    (about n^3/3 flops).  Products in `mode` (see `_addmm`)."""
+    return _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=panel, mode=mode).mul_(alpha)
+
+
 def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | None = None,
                 mode: str = "float32") -> torch.Tensor:
     """GPTAQ's P = alpha * triu_1(dXXT U^T) U (processing order), computed tile by tile over the nonzero blocks.
 
-    Both factors are triangular, so P[I, J] = M[I, I..J] U[I..J, J] with M = triu_1(dXXT U^T): about 2n^3/3 flops
+    Both factors are triangular, so P[I, J] = M[I, I..J] U[I..J, J] with M = `asym_cross`: about 2n^3/3 flops
     against 4n^3 for the two dense products.  Products in `mode` (see `_addmm`).
     """
     n = U.shape[0]
     b = panel or _panel(n, U.device)
-    M = _mm_upper(dXXT, U, transpose=True, strict_upper_out=True, panel=b, mode=mode).mul_(alpha)
+    M = asym_cross(dXXT, U, alpha, panel=b, mode=mode)
     P = torch.zeros_like(M)
     for i1 in range(0, n, b):
         i2 = min(i1 + b, n)
@@ -190,6 +211,78 @@ def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | 
             j2 = min(j1 + b, n)
             _addmm(mode, P[i1:i2, j1:j2], M[i1:i2, i1:j2], U[i1:j2, j1:j2])
     return P
+
+
+class _CrossTerm:
+    """GPTAQ's cross-block term in the M form, for lazy blocks of `lazy` columns (processing order).
+
+    Before block J (columns j1..j2) the solve adds c_J triu(U[J, J]) to W[:, J], c_J = Q[:, :j1] M[:j1, J]; after it
+    the trailing GEMM uses Err - G, G = c_J + Q_J M[J, J]; the walk gets P[J, J] = M[J, J] U[J, J].
+    In mode "split" c_J comes from TF32 products against M = M_hi + M_lo, stored block-interleaved as MM[:, J] =
+    [M_hi[:, J] | M_lo[:, J]] so one GEMM does both halves: with one grid per row (per-channel scale s) the rounded
+    columns are kept as integer codes Q / s (exact in TF32) and c_J = s (codes M_hi + codes M_lo), two products;
+    otherwise as Q = Q_hi + Q_lo and c_J adds Q_lo M_hi, three products.  "float32" and "tf32": one product Q M.
+    """
+
+    def __init__(self, M: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, lazy: int, mode: str,
+                 row_scale: torch.Tensor | None):
+        n = M.shape[0]
+        self.Q, self.lazy, self.mode = Q, lazy, mode
+        nb = -(-n // lazy)
+        pad = nb * lazy - n  # a narrower last block: zero rows and columns make every block `lazy` wide
+        Mp = torch.nn.functional.pad(M, (0, pad, 0, pad)) if pad else M
+        Up = torch.nn.functional.pad(U, (0, pad, 0, pad)) if pad else U
+
+        def diag_blocks(X: torch.Tensor) -> torch.Tensor:  # [nb, lazy, lazy]: X[J, J] for every block J
+            return X.view(nb, lazy, nb, lazy).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+        self.M_diag = diag_blocks(Mp).contiguous()
+        self.P_diag = torch.bmm(self.M_diag, diag_blocks(Up))
+        del Up
+        self.scale = row_scale if mode == "split" else None
+        if mode != "split":
+            self.M = M
+            return
+        # MM[:, J] = [M_hi[:, J] | M_lo[:, J]] as [n, nb, 2, lazy]: hi = M with its low mantissa bits cleared
+        self.MM = torch.empty(n, nb, 2, lazy, dtype=M.dtype, device=M.device)
+        Mv = Mp[:n].view(n, nb, lazy)
+        self.MM[:, :, 0] = Mv
+        self.MM.view(torch.int32)[:, :, 0] &= ~tf32.LOW_BITS
+        torch.sub(Mv, self.MM[:, :, 0], out=self.MM[:, :, 1])
+        del Mp, Mv
+        self.MM = self.MM.view(n, nb, 2 * lazy)
+        self.a = torch.empty_like(Q)  # integer codes, or Q_hi
+        self.b = None if self.scale is not None else torch.empty_like(Q)  # Q_lo
+
+    def before(self, j1: int, j2: int) -> torch.Tensor | None:
+        """c_J = Q[:, :j1] M[:j1, J] for the block starting at j1 (None for the first block)."""
+        if j1 == 0:
+            return None
+        if self.mode != "split":
+            with tf32.tf32(self.mode == "tf32"):
+                return self.Q[:, :j1] @ self.M[:j1, j1:j2]
+        n1, lazy = j2 - j1, self.lazy
+        MM = self.MM[:j1, j1 // lazy]  # [j1, 2 lazy]: M_hi | M_lo of block J's columns
+        with tf32.tf32():
+            out = self.a[:, :j1] @ MM
+            c = out[:, :n1].add_(out[:, lazy:lazy + n1])
+            if self.scale is not None:
+                return c.mul_(self.scale)
+            return c.addmm_(self.b[:, :j1], MM[:, :n1])
+
+    def after(self, j1: int, j2: int, err: torch.Tensor, c: torch.Tensor | None) -> None:
+        """Turn err [rows, n1] into Err - G for the trailing GEMM and record the block's rounded columns Q[:, J]."""
+        q = self.Q[:, j1:j2]
+        n1 = j2 - j1
+        err.addmm_(q, self.M_diag[j1 // self.lazy, :n1, :n1], alpha=-1)
+        if c is not None:
+            err.sub_(c)
+        if self.mode != "split":
+            return
+        if self.scale is not None:
+            torch.round(q / self.scale, out=self.a[:, j1:j2])
+        else:
+            self.a[:, j1:j2], self.b[:, j1:j2] = tf32.split(q)
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
@@ -334,7 +427,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     U = inverse_cholesky(H[perm][:, perm] if permuted else H, percdamp, name)
     if permuted:
         W = W[:, perm]
-    P = None
+    P = M = None
     mode = _asym_mode(W)
     if dXXT is not None:
         D = dXXT[perm][:, perm] if permuted else dXXT
@@ -346,8 +439,10 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
                 WD = _addmm(mode, torch.zeros_like(W), W, D)
                 W += alpha * _mm_upper(_mm_upper(WD, U, transpose=True, mode=mode), U, transpose=False, mode=mode)
                 del WD
-            else:
+            elif p_term_only or _asym_form() == "p":
                 P = asym_matrix(D, U, alpha, mode=mode)
+            else:
+                M = asym_cross(D, U, alpha, mode=mode)
             if p_term_only:  # no error feedback: updates use only U's diagonal (err = (w - q) / U_ii) and P
                 U = torch.diag(torch.diagonal(U))
         del D
@@ -373,15 +468,32 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
         g_list = g_pos.tolist()
 
     # Lazy blocks of `lazy` columns, walked `width` columns at a time (a kernel launch for the Triton backend).
-    # Inside a lazy block the P term uses each column before rounding; later blocks get one GEMM with the rounded Q:
-    #   W[:, rest] -= [Err, -Q] @ [U[blk, rest]; P[blk, rest]] = Err U[blk, rest] - Q P[blk, rest].
+    # Inside a lazy block the P term uses each column before rounding; later blocks get the rounded Q:
+    #   P form:  W[:, rest] -= [Err, -Q] @ [U[blk, rest]; P[blk, rest]] = Err U[blk, rest] - Q P[blk, rest].
+    #   M form (P = M U never formed): before block J's walk W[:, J] += c_J triu(U[J, J]), c_J = Q[:, :j1] M[:j1, J];
+    #            after it W[:, rest] -= (Err - G) U[blk, rest] with G = c_J + Q_J M[J, J], inside GPTQ's own GEMM.
+    #   (Both give W[:, j] += sum_{i < j1} q_i P[i, j]: split P[i, j] = sum_{i<k<=j} M[i, k] U[k, j] at k = j1.)
     lazy = _group_blocksize(blocksize, group_size)
     width = _walk_width(lazy, group_size, dynamic)
     maxq = 2**bits - 1
     Q = torch.empty_like(W)
+    cross = None
+    if M is not None:
+        per_channel = quantize and group_size == -1 and bool((scales > 0).all())
+        cross = _CrossTerm(M, U, Q, lazy, mode, scales[:, :1] if per_channel else None)
+        M = None  # the split mode keeps only M's parts (cross.MM)
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
         n1 = i2 - i1
+        U_JJ = U[i1:i2, i1:i2]
+        P_JJ = c_J = None
+        if P is not None:
+            P_JJ = P[i1:i2, i1:i2]
+        elif cross is not None:
+            P_JJ = cross.P_diag[i1 // lazy, :n1, :n1]
+            c_J = cross.before(i1, i2)
+            if c_J is not None:
+                W[:, i1:i2].addmm_(c_J, U_JJ)
         A = torch.empty(rows, 2 * n1, dtype=dtype, device=dev)  # [Err | -Q] of this lazy block
         for s1 in range(i1, i2, width):
             s2 = min(s1 + width, i2)
@@ -393,20 +505,22 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
                                                                      scale_dtype)
                 S1, Z1 = _column_grids(scales, zeros, g_pos, g_list, s1, s2)
             e1, e2 = s1 - i1, s2 - i1
-            walk(W[:, s1:s2], U[s1:s2, s1:s2], None if P is None else P[s1:s2, s1:s2], S1, Z1, maxq,
+            walk(W[:, s1:s2], U_JJ[e1:e2, e1:e2], None if P_JJ is None else P_JJ[e1:e2, e1:e2], S1, Z1, maxq,
                  A[:, e1:e2], A[:, n1 + e1:n1 + e2])
             if s2 < i2:  # rest of the lazy block: the in-block rule (P term on the columns before rounding)
-                W[:, s2:i2].addmm_(A[:, e1:e2], U[s1:s2, s2:i2], alpha=-1)
-                if P is not None:
-                    W[:, s2:i2].addmm_(W[:, s1:s2], P[s1:s2, s2:i2])
+                W[:, s2:i2].addmm_(A[:, e1:e2], U_JJ[e1:e2, e2:], alpha=-1)
+                if P_JJ is not None:
+                    W[:, s2:i2].addmm_(W[:, s1:s2], P_JJ[e1:e2, e2:])
         Q[:, i1:i2] = -A[:, n1:]
+        if cross is not None:
+            cross.after(i1, i2, A[:, :n1], c_J)  # Err - G
         if i2 < cols:
             if P is not None and mode == "float32":
                 W[:, i2:].addmm_(A, torch.cat((U[i1:i2, i2:], P[i1:i2, i2:])), alpha=-1)
             else:
                 W[:, i2:].addmm_(A[:, :n1], U[i1:i2, i2:], alpha=-1)
                 if P is not None:
-                    with tf32.tf32():
+                    with tf32.tf32(mode != "float32"):
                         _addmm(mode, W[:, i2:], A[:, n1:], P[i1:i2, i2:], alpha=-1)
     # W now holds every column's value before rounding (kept to count clipping below).
 

@@ -12,10 +12,10 @@ import contextlib
 
 import torch
 
-__all__ = ["EXACT_DTYPES", "tf32", "split", "addmm_split_"]
+__all__ = ["EXACT_DTYPES", "LOW_BITS", "tf32", "split", "addmm_split_"]
 
 EXACT_DTYPES = (torch.float16, torch.bfloat16)  # dtypes whose float32 copies TF32 holds exactly
-_LOW_BITS = 0x1FFF  # float32 mantissa bits that TF32 drops (23 - 10)
+LOW_BITS = 0x1FFF  # float32 mantissa bits that TF32 drops (23 - 10)
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def tf32(enabled: bool = True):
 
 def split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a (float32) = hi + lo exactly, hi TF32-representable (truncated mantissa), |lo| < 2^-10 |hi|."""
-    hi = (a.view(torch.int32) & ~_LOW_BITS).view(torch.float32)
+    hi = (a.view(torch.int32) & ~LOW_BITS).view(torch.float32)
     return hi, a - hi
 
 

@@ -413,3 +413,53 @@ def test_asym_matmul_setting_is_checked_and_cpu_keeps_plain_products(monkeypatch
     monkeypatch.setattr(solvers, "ASYM_MATMUL", "bf16")
     with pytest.raises(SolverError, match="ASYM_MATMUL"):
         gptaq(W, H, dXXT, bits=4)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(bits=16)], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gptaq_m_form_equals_p_form_in_float64(cfg, monkeypatch):
+    """The default M form (cross-block term folded into GPTQ's GEMM, P never formed) is the published P form
+    rearranged: in float64 both give the same weights to rounding error, for every grid, group and order setting."""
+    from common import solvers
+
+    W, H, dXXT, _, _ = make_problem(5, rows=24, cols=96)
+    kw = dict(alpha=0.5, blocksize=32, **solver_kwargs(cfg))
+    q_m = gptaq(W.double(), H.double(), dXXT.double(), **kw)
+    monkeypatch.setattr(solvers, "ASYM_FORM", "p")
+    q_p = gptaq(W.double(), H.double(), dXXT.double(), **kw)
+    assert float((q_m.double() - q_p.double()).norm() / q_p.double().norm()) < 1e-6  # weights come back float32
+    monkeypatch.setattr(solvers, "ASYM_FORM", "q")
+    with pytest.raises(SolverError, match="ASYM_FORM"):
+        gptaq(W, H, dXXT, bits=4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("mode", ["split", "float32"])
+def test_cross_term_products_have_float32_accuracy(per_channel, mode):
+    """The M form's products, c_J = Q[:, :j1] M[:j1, J] and Err - G, G = c_J + Q_J M[J, J], checked against float64.
+    Split TF32 runs on the CPU as float32 products of TF32-representable parts (three-part products, or integer
+    codes times a row scale); a last block narrower than the others is included (n = 40, blocks of 16)."""
+    from common.solvers import _CrossTerm
+
+    g = torch.Generator().manual_seed(7)
+    rows, n, lazy = 12, 40, 16
+    scale = torch.rand(rows, 1, generator=g) * 0.1 + 0.01
+    Q = scale * torch.randint(-8, 8, (rows, n), generator=g).float() if per_channel else torch.randn(rows, n, generator=g)
+    M = torch.randn(n, n, generator=g).triu_(1)
+    U = torch.randn(n, n, generator=g).triu_()
+    cross = _CrossTerm(M, U, Q, lazy, mode, scale if per_channel else None)
+    Md, Qd = M.double(), Q.double()
+    for j1 in range(0, n, lazy):
+        j2 = min(j1 + lazy, n)
+        assert torch.allclose(cross.P_diag[j1 // lazy, :j2 - j1, :j2 - j1].double(), Md[j1:j2, j1:j2] @ U[j1:j2, j1:j2].double(),
+                              rtol=1e-5, atol=1e-5)
+        c = cross.before(j1, j2)
+        if j1 == 0:
+            assert c is None
+            c_ref = torch.zeros(rows, j2 - j1, dtype=torch.float64)
+        else:
+            c_ref = Qd[:, :j1] @ Md[:j1, j1:j2]
+            assert float((c.double() - c_ref).norm() / c_ref.norm()) < 1e-6
+        err = torch.randn(rows, j2 - j1, generator=g)
+        want = err.double() - c_ref - Qd[:, j1:j2] @ Md[j1:j2, j1:j2]
+        cross.after(j1, j2, err, c)
+        assert float((err.double() - want).norm() / want.norm()) < 1e-6
