@@ -222,6 +222,7 @@ class _CrossTerm:
     [M_hi[:, J] | M_lo[:, J]] so one GEMM does both halves: with one grid per row (per-channel scale s) the rounded
     columns are kept as integer codes Q / s (exact in TF32) and c_J = s (codes M_hi + codes M_lo), two products;
     otherwise as Q = Q_hi + Q_lo and c_J adds Q_lo M_hi, three products.  "float32" and "tf32": one product Q M.
+    row_scale [rows, 1]: the per-channel scale s (None: no single grid per row); only the split mode uses it.
     """
 
     def __init__(self, M: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, lazy: int, mode: str,
@@ -239,17 +240,14 @@ class _CrossTerm:
         self.M_diag = diag_blocks(Mp).contiguous()
         self.P_diag = torch.bmm(self.M_diag, diag_blocks(Up))
         del Up
-        self.scale = row_scale if mode == "split" else None
+        self.scale = row_scale
         if mode != "split":
             self.M = M
             return
-        # MM[:, J] = [M_hi[:, J] | M_lo[:, J]] as [n, nb, 2, lazy]: hi = M with its low mantissa bits cleared
+        # MM[:, J] = [M_hi[:, J] | M_lo[:, J]], built as [n, nb, 2, lazy]
         self.MM = torch.empty(n, nb, 2, lazy, dtype=M.dtype, device=M.device)
-        Mv = Mp[:n].view(n, nb, lazy)
-        self.MM[:, :, 0] = Mv
-        self.MM.view(torch.int32)[:, :, 0] &= ~tf32.LOW_BITS
-        torch.sub(Mv, self.MM[:, :, 0], out=self.MM[:, :, 1])
-        del Mp, Mv
+        tf32.split_into(Mp[:n].view(n, nb, lazy), self.MM[:, :, 0], self.MM[:, :, 1])
+        del Mp
         self.MM = self.MM.view(n, nb, 2 * lazy)
         self.a = torch.empty_like(Q)  # integer codes, or Q_hi
         self.b = None if self.scale is not None else torch.empty_like(Q)  # Q_lo
@@ -282,7 +280,7 @@ class _CrossTerm:
         if self.scale is not None:
             torch.round(q / self.scale, out=self.a[:, j1:j2])
         else:
-            self.a[:, j1:j2], self.b[:, j1:j2] = tf32.split(q)
+            tf32.split_into(q, self.a[:, j1:j2], self.b[:, j1:j2])
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, name: str = "layer") -> torch.Tensor:
@@ -479,7 +477,8 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     Q = torch.empty_like(W)
     cross = None
     if M is not None:
-        per_channel = quantize and group_size == -1 and bool((scales > 0).all())
+        # split mode: per-channel codes are exact in TF32 (see _CrossTerm)
+        per_channel = mode == "split" and quantize and group_size == -1 and bool((scales > 0).all())
         cross = _CrossTerm(M, U, Q, lazy, mode, scales[:, :1] if per_channel else None)
         M = None  # the split mode keeps only M's parts (cross.MM)
     for i1 in range(0, cols, lazy):
@@ -520,7 +519,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
             else:
                 W[:, i2:].addmm_(A[:, :n1], U[i1:i2, i2:], alpha=-1)
                 if P is not None:
-                    with tf32.tf32(mode != "float32"):
+                    with tf32.tf32():
                         _addmm(mode, W[:, i2:], A[:, n1:], P[i1:i2, i2:], alpha=-1)
     # W now holds every column's value before rounding (kept to count clipping below).
 

@@ -12,10 +12,10 @@ import contextlib
 
 import torch
 
-__all__ = ["EXACT_DTYPES", "LOW_BITS", "tf32", "split", "addmm_split_"]
+__all__ = ["EXACT_DTYPES", "tf32", "split", "split_into", "addmm_split_"]
 
 EXACT_DTYPES = (torch.float16, torch.bfloat16)  # dtypes whose float32 copies TF32 holds exactly
-LOW_BITS = 0x1FFF  # float32 mantissa bits that TF32 drops (23 - 10)
+_LOW_BITS = 0x1FFF  # float32 mantissa bits that TF32 drops (23 - 10)
 
 
 @contextlib.contextmanager
@@ -31,8 +31,14 @@ def tf32(enabled: bool = True):
 
 def split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a (float32) = hi + lo exactly, hi TF32-representable (truncated mantissa), |lo| < 2^-10 |hi|."""
-    hi = (a.view(torch.int32) & ~LOW_BITS).view(torch.float32)
+    hi = (a.view(torch.int32) & ~_LOW_BITS).view(torch.float32)
     return hi, a - hi
+
+
+def split_into(a: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """`split` written into the float32 tensors hi and lo (views are fine), without temporaries."""
+    torch.bitwise_and(a.view(torch.int32), ~_LOW_BITS, out=hi.view(torch.int32))
+    torch.sub(a, hi, out=lo)
 
 
 def addmm_split_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
