@@ -7,7 +7,7 @@ sym/asym, MSE clip search, 2..4 bits and no rounding (bits=16: weights compared 
 status 1 if any agreement is below --min_agree.  On CUDA it also solves GPTAQ (P form and exact) with its extra
 products in each precision of `common.solvers.ASYM_MATMULS` (split TF32, the default; float32; plain TF32), in the
 M form, the published P form and exact, and compares each with a float64 solve (codes, asymmetric objective).
-On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps four representative
+On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps five representative
 cases, as tests/test_fused_solver.py does).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def settings(group: int) -> list[tuple[str, dict]]:
     ]
 
 
-QUICK = {"3b g{g2} bs{group}": "gptaq", "4b g{g2} act static": "gptq", "4b mse": "gptaq_exact",
+QUICK = {"4b asym": "gptaq", "3b g{g2} bs{group}": "gptaq", "4b g{g2} act static": "gptq", "4b mse": "gptaq_exact",
          "no rounding": "gptaq"}  # --quick: (setting, method) pairs covering every kernel variant
 
 
@@ -84,7 +84,7 @@ def precision_check(W, H, dXXT, kw: dict, exact: bool, form: str = "m") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default=None, help="ROWSxCOLS (default 2048x4096 on CUDA, 16x64 on CPU)")
-    p.add_argument("--quick", action="store_true", help="four representative settings only")
+    p.add_argument("--quick", action="store_true", help="five representative settings only")
     p.add_argument("--min_agree", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)

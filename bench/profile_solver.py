@@ -2,7 +2,7 @@
 
 Usage: python bench/profile_solver.py [--shape 11008x4096] [--top 12] [--json out.json]
 Inputs as in bench/solver.py (float32, TF32 off outside GPTAQ's extra products); one warm-up solve, then one profiled
-solve per method.  Prints each method's total CUDA kernel time and its largest kernels.
+solve per method.  Prints each method's wall time (one unprofiled solve), total CUDA kernel time, kernel launches and largest kernels.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,16 +20,20 @@ from bench.solver import make_inputs  # noqa: E402
 from common import solvers  # noqa: E402
 
 
-def kernel_times(fn) -> tuple[float, list[tuple[str, float, int]]]:
-    """(total CUDA kernel ms, [(kernel, ms, calls)] largest first) of one call of fn."""
+def kernel_times(fn) -> tuple[float, float, list[tuple[str, float, int]]]:
+    """(wall ms of an unprofiled call, total CUDA kernel ms, [(kernel, ms, calls)] largest first) of fn."""
     fn()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall = 1e3 * (time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
-    return sum(r[1] for r in rows), rows
+    return wall, sum(r[1] for r in rows), rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,9 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     for method, form in (("gptq", None), ("gptaq", "m"), ("gptaq_pform", "p")):
         solvers.ASYM_FORM = form or "m"
         fn = (lambda: solvers.gptq(W, H, bits=4)) if form is None else (lambda: solvers.gptaq(W, H, dXXT, bits=4))
-        total, rows = kernel_times(fn)
-        out[method] = dict(total_ms=total, kernels=[dict(name=k, ms=ms, calls=n) for k, ms, n in rows[:args.top]])
-        print(f"{args.shape} {method}: CUDA kernels {total:.2f} ms")
+        wall, total, rows = kernel_times(fn)
+        launches = sum(n for _, _, n in rows)
+        out[method] = dict(wall_ms=wall, total_ms=total, launches=launches,
+                           kernels=[dict(name=k, ms=ms, calls=n) for k, ms, n in rows[:args.top]])
+        print(f"{args.shape} {method}: wall {wall:.2f} ms, CUDA kernels {total:.2f} ms in {launches} launches")
         for k, ms, n in rows[:args.top]:
             print(f"  {ms:8.3f} ms  {n:5d}x  {k[:110]}")
     solvers.ASYM_FORM = "m"

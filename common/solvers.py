@@ -8,8 +8,9 @@ P = alpha * triu_1(dXXT U^T) U it adds the asymmetric term at each step (publish
     W[:, i:] -= err_i U[i, i:] - w_i P[i, i:]        (w_i the column before rounding),
 and across lazy blocks W[:, rest] -= Err U[blk, rest] - Q_blk P[blk, rest] (the block after its steps: its rounded Q).
 By default (ASYM_FORM = "m") P is never formed: with M = alpha triu_1(dXXT U^T), P = M U, the cross-block term becomes
-W[:, J] += c_J triu(U[J, J]) before block J (c_J = Q[:, :j1] M[:j1, J]) and Err -> Err - c_J - Q_J M[J, J] in GPTQ's
-own trailing GEMM, the same update with n^3/3 + r n^2 extra work instead of 2n^3/3 + r n^2.
+W[:, J] += c_J triu(U[J, J]) before block J (c_J = Q[:, :j1] M[:j1, J], applied by the column walk as an offset) and
+Err -> Err - c_J - Q_J M[J, J] in GPTQ's own trailing GEMM, the same update with n^3/3 + r n^2 extra work instead of
+2n^3/3 + r n^2.
 `p_term_only=True` keeps only the asymmetric term (no GPTQ error feedback: U's off-diagonal is dropped from the
 updates), the paper's Table 5 ablation "W P term only".
 `exact=True` solves the same objective as GPTQ on the least-squares target V = W + alpha W dXXT H^-1
@@ -216,12 +217,14 @@ def asym_matrix(dXXT: torch.Tensor, U: torch.Tensor, alpha: float, panel: int | 
 class _CrossTerm:
     """GPTAQ's cross-block term in the M form, for lazy blocks of `lazy` columns (processing order).
 
-    Before block J (columns j1..j2) the solve adds c_J triu(U[J, J]) to W[:, J], c_J = Q[:, :j1] M[:j1, J]; after it
-    the trailing GEMM uses Err - G, G = c_J + Q_J M[J, J]; the walk gets P[J, J] = M[J, J] U[J, J].
+    Block J (columns j1..j2) is walked with the offset c_J = Q[:, :j1] M[:j1, J] (`before`): the walk starts from
+    W[:, J] + c_J triu(U[J, J]) and returns Err - c_J; `after` then subtracts Q_J M[J, J], so the trailing GEMM uses
+    Err - G, G = c_J + Q_J M[J, J]; the walk's in-block term is P[J, J] = M[J, J] U[J, J].
     In mode "split" c_J comes from TF32 products against M = M_hi + M_lo, stored block-interleaved as MM[:, J] =
     [M_hi[:, J] | M_lo[:, J]] so one GEMM does both halves: with one grid per row (per-channel scale s) the rounded
-    columns are kept as integer codes Q / s (exact in TF32) and c_J = s (codes M_hi + codes M_lo), two products;
-    otherwise as Q = Q_hi + Q_lo and c_J adds Q_lo M_hi, three products.  "float32" and "tf32": one product Q M.
+    columns are kept as integer steps Q / s (exact in TF32; the walk writes them, `steps`) and
+    c_J = s (steps M_hi + steps M_lo), two products; otherwise as Q = Q_hi + Q_lo and c_J adds Q_lo M_hi, three
+    products.  "float32" and "tf32": one product Q M.
     row_scale [rows, 1]: the per-channel scale s (None: no single grid per row); only the split mode uses it.
     """
 
@@ -240,7 +243,7 @@ class _CrossTerm:
         self.M_diag = diag_blocks(Mp).contiguous()
         self.P_diag = torch.bmm(self.M_diag, diag_blocks(Up))
         del Up
-        self.scale = row_scale
+        self.scale = row_scale if mode == "split" else None
         if mode != "split":
             self.M = M
             return
@@ -249,37 +252,35 @@ class _CrossTerm:
         tf32.split_into(Mp[:n].view(n, nb, lazy), self.MM[:, :, 0], self.MM[:, :, 1])
         del Mp
         self.MM = self.MM.view(n, nb, 2 * lazy)
-        self.a = torch.empty_like(Q)  # integer codes, or Q_hi
+        self.a = torch.empty_like(Q)  # integer steps, or Q_hi
         self.b = None if self.scale is not None else torch.empty_like(Q)  # Q_lo
 
-    def before(self, j1: int, j2: int) -> torch.Tensor | None:
-        """c_J = Q[:, :j1] M[:j1, J] for the block starting at j1 (None for the first block)."""
+    def before(self, j1: int, j2: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """The walk's offset for the block starting at j1, as (C1, C2, s) with c_J = (C1 + C2) s (C2, s may be None;
+        see the walks); None for the first block."""
         if j1 == 0:
             return None
         if self.mode != "split":
             with tf32.tf32(self.mode == "tf32"):
-                return self.Q[:, :j1] @ self.M[:j1, j1:j2]
+                return self.Q[:, :j1] @ self.M[:j1, j1:j2], None, None
         n1, lazy = j2 - j1, self.lazy
         MM = self.MM[:j1, j1 // lazy]  # [j1, 2 lazy]: M_hi | M_lo of block J's columns
         with tf32.tf32():
             out = self.a[:, :j1] @ MM
-            c = out[:, :n1].add_(out[:, lazy:lazy + n1])
-            if self.scale is not None:
-                return c.mul_(self.scale)
-            return c.addmm_(self.b[:, :j1], MM[:, :n1])
+            if self.scale is None:
+                out[:, :n1].addmm_(self.b[:, :j1], MM[:, :n1])
+        return out[:, :n1], out[:, lazy:lazy + n1], self.scale
 
-    def after(self, j1: int, j2: int, err: torch.Tensor, c: torch.Tensor | None) -> None:
-        """Turn err [rows, n1] into Err - G for the trailing GEMM and record the block's rounded columns Q[:, J]."""
+    def steps(self, s1: int, s2: int) -> torch.Tensor | None:
+        """Where the walk of columns s1..s2 writes q / s (per-channel split mode), else None."""
+        return self.a[:, s1:s2] if self.scale is not None else None
+
+    def after(self, j1: int, j2: int, err: torch.Tensor) -> None:
+        """Turn the walk's err - c_J [rows, n1] into Err - G for the trailing GEMM; record Q[:, J]'s split parts."""
         q = self.Q[:, j1:j2]
         n1 = j2 - j1
         err.addmm_(q, self.M_diag[j1 // self.lazy, :n1, :n1], alpha=-1)
-        if c is not None:
-            err.sub_(c)
-        if self.mode != "split":
-            return
-        if self.scale is not None:
-            torch.round(q / self.scale, out=self.a[:, j1:j2])
-        else:
+        if self.mode == "split" and self.scale is None:
             tf32.split_into(q, self.a[:, j1:j2], self.b[:, j1:j2])
 
 
@@ -355,23 +356,36 @@ def resolve_backend(backend: str, W: torch.Tensor, name: str = "layer") -> str:
 
 
 def _walk_torch(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor | None, S1: torch.Tensor | None,
-                Z1: torch.Tensor | None, maxq: int, E1: torch.Tensor, NQ1: torch.Tensor) -> None:
+                Z1: torch.Tensor | None, maxq: int, E1: torch.Tensor, Q1: torch.Tensor,
+                C: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+                K1: torch.Tensor | None = None) -> None:
     """The in-block column walk in PyTorch (the reference for common/fused_solver.py, same arguments).
 
     W1 [rows, n] holds the block's current columns and gets their values before rounding; E1 gets err = (w - q)/U_ii
-    and NQ1 gets -q.  S1, Z1 [rows, n] are each column's grid (None: no rounding).  Per column the update is one GEMM
-    with inner dimension 2:  W1[:, i:] -= [w, q] @ [B[i, i:] - P[i, i:]; -B[i, i:]] = err U[i, i:] - w P[i, i:],
+    (less the offset) and Q1 gets q.  S1, Z1 [rows, n] are each column's grid (None: no rounding).  The offset
+    C = (C1, C2, cs), c = (C1 + C2) * cs (C2, cs may be None), walks the block as if it started from W1 + c triu(U1):
+    column i reads w = W1[:, i] + c_i U_ii and its error goes on as err - c_i.  K1 (optional) gets q / s.
+    Per column the update is one GEMM with inner dimension 2 (3 with an offset):
+    W1[:, i:] -= [w, q, c_i] @ [B[i, i:] - P[i, i:]; -B[i, i:]; -U[i, i:]] = (err - c_i) U[i, i:] - w P[i, i:],
     B = U / diag(U) row-wise, so GPTAQ costs the same per column as GPTQ.
     """
     rows, n = W1.shape
     d = torch.diagonal(U1)
     B = U1 / d.unsqueeze(1)
-    coef = torch.stack((B if P1 is None else B - P1, -B), dim=1)  # [n, 2, n]
+    rules = [B if P1 is None else B - P1, -B]
+    off = _offset_columns(C, 0, n, combine=True)
+    if off is not None:
+        rules.append(-U1)
+    coef = torch.stack(rules, dim=1)  # [n, 2 or 3, n]
     T = W1.clone()
-    WQ = torch.empty(rows, n, 2, dtype=W1.dtype, device=W1.device)  # [:, i, 0] before rounding, [:, i, 1] rounded
+    WQ = torch.empty(rows, n, len(rules), dtype=W1.dtype, device=W1.device)  # w, q (and c) of each column
+    if off is not None:
+        WQ[:, :, 2] = off
     for i in range(n):
         w, q = WQ[:, i, 0], WQ[:, i, 1]
         w.copy_(T[:, i])
+        if off is not None:
+            w.add_(off[:, i] * d[i])
         if S1 is None:
             q.copy_(w)
         else:
@@ -380,7 +394,11 @@ def _walk_torch(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor | None, S1:
         T[:, i:].addmm_(WQ[:, i, :], coef[i, :, i:], alpha=-1)
     W1.copy_(WQ[:, :, 0])
     E1.copy_((WQ[:, :, 0] - WQ[:, :, 1]) / d)
-    NQ1.copy_(WQ[:, :, 1]).neg_()
+    if off is not None:
+        E1.sub_(off)
+    Q1.copy_(WQ[:, :, 1])
+    if K1 is not None:
+        torch.round(WQ[:, :, 1] / S1, out=K1)
 
 
 def _column_grids(scales: torch.Tensor, zeros: torch.Tensor, g_pos: torch.Tensor, g_list: list[int], s1: int,
@@ -392,6 +410,19 @@ def _column_grids(scales: torch.Tensor, zeros: torch.Tensor, g_pos: torch.Tensor
         return scales[:, g:g + 1].expand(shape), zeros[:, g:g + 1].expand(shape)
     idx = g_pos[s1:s2]
     return scales[:, idx], zeros[:, idx]
+
+
+def _offset_columns(C: tuple | None, e1: int, e2: int, combine: bool = False):
+    """Columns e1..e2 of a walk offset C = (C1, C2, s) (see `_walk_torch`), or with combine=True of the offset
+    c = (C1 + C2) s itself."""
+    if C is None:
+        return None
+    C1, C2, s = C
+    part = C1[:, e1:e2], None if C2 is None else C2[:, e1:e2], s
+    if not combine:
+        return part
+    c = part[0] if part[1] is None else part[0] + part[1]
+    return c if s is None else c * s
 
 
 def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None, *, bits: int, sym: bool,
@@ -467,9 +498,10 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
 
     # Lazy blocks of `lazy` columns, walked `width` columns at a time (a kernel launch for the Triton backend).
     # Inside a lazy block the P term uses each column before rounding; later blocks get the rounded Q:
-    #   P form:  W[:, rest] -= [Err, -Q] @ [U[blk, rest]; P[blk, rest]] = Err U[blk, rest] - Q P[blk, rest].
-    #   M form (P = M U never formed): before block J's walk W[:, J] += c_J triu(U[J, J]), c_J = Q[:, :j1] M[:j1, J];
-    #            after it W[:, rest] -= (Err - G) U[blk, rest] with G = c_J + Q_J M[J, J], inside GPTQ's own GEMM.
+    #   P form:  W[:, rest] -= Err U[blk, rest] - Q P[blk, rest].
+    #   M form (P = M U never formed): block J is walked from W[:, J] + c_J triu(U[J, J]), c_J = Q[:, :j1] M[:j1, J]
+    #            (the walk's offset), and W[:, rest] -= (Err - G) U[blk, rest] with G = c_J + Q_J M[J, J], inside
+    #            GPTQ's own GEMM.
     #   (Both give W[:, j] += sum_{i < j1} q_i P[i, j]: split P[i, j] = sum_{i<k<=j} M[i, k] U[k, j] at k = j1.)
     lazy = _group_blocksize(blocksize, group_size)
     width = _walk_width(lazy, group_size, dynamic)
@@ -485,42 +517,39 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
         i2 = min(i1 + lazy, cols)
         n1 = i2 - i1
         U_JJ = U[i1:i2, i1:i2]
-        P_JJ = c_J = None
+        P_JJ = C = None
         if P is not None:
             P_JJ = P[i1:i2, i1:i2]
         elif cross is not None:
             P_JJ = cross.P_diag[i1 // lazy, :n1, :n1]
-            c_J = cross.before(i1, i2)
-            if c_J is not None:
-                W[:, i1:i2].addmm_(c_J, U_JJ)
-        A = torch.empty(rows, 2 * n1, dtype=dtype, device=dev)  # [Err | -Q] of this lazy block
+            C = cross.before(i1, i2)
+        E = torch.empty(rows, n1, dtype=dtype, device=dev)  # this lazy block's err (less the offset c_J)
         for s1 in range(i1, i2, width):
             s2 = min(s1 + width, i2)
             S1 = Z1 = None
             if quantize:
                 if dynamic and s1 % group_size == 0:  # a group's grid, found on the current (updated) weights
                     g = g_list[s1]
-                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(W[:, s1:s1 + group_size], bits, sym, mse,
-                                                                     scale_dtype)
+                    Wg = W[:, s1:s1 + group_size]
+                    if C is not None:  # which include the group's share of the walk offset, c_grp triu(U[grp, grp])
+                        g1, g2 = s1 - i1, s1 - i1 + group_size
+                        Wg = Wg + _offset_columns(C, g1, g2, combine=True) @ U_JJ[g1:g2, g1:g2]
+                    scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(Wg, bits, sym, mse, scale_dtype)
                 S1, Z1 = _column_grids(scales, zeros, g_pos, g_list, s1, s2)
             e1, e2 = s1 - i1, s2 - i1
             walk(W[:, s1:s2], U_JJ[e1:e2, e1:e2], None if P_JJ is None else P_JJ[e1:e2, e1:e2], S1, Z1, maxq,
-                 A[:, e1:e2], A[:, n1 + e1:n1 + e2])
+                 E[:, e1:e2], Q[:, s1:s2], _offset_columns(C, e1, e2), None if cross is None else cross.steps(s1, s2))
             if s2 < i2:  # rest of the lazy block: the in-block rule (P term on the columns before rounding)
-                W[:, s2:i2].addmm_(A[:, e1:e2], U_JJ[e1:e2, e2:], alpha=-1)
+                W[:, s2:i2].addmm_(E[:, e1:e2], U_JJ[e1:e2, e2:], alpha=-1)
                 if P_JJ is not None:
                     W[:, s2:i2].addmm_(W[:, s1:s2], P_JJ[e1:e2, e2:])
-        Q[:, i1:i2] = -A[:, n1:]
         if cross is not None:
-            cross.after(i1, i2, A[:, :n1], c_J)  # Err - G
+            cross.after(i1, i2, E)  # Err - G
         if i2 < cols:
-            if P is not None and mode == "float32":
-                W[:, i2:].addmm_(A, torch.cat((U[i1:i2, i2:], P[i1:i2, i2:])), alpha=-1)
-            else:
-                W[:, i2:].addmm_(A[:, :n1], U[i1:i2, i2:], alpha=-1)
-                if P is not None:
-                    with tf32.tf32():
-                        _addmm(mode, W[:, i2:], A[:, n1:], P[i1:i2, i2:], alpha=-1)
+            W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1)
+            if P is not None:
+                with tf32.tf32(mode != "float32"):
+                    _addmm(mode, W[:, i2:], Q[:, i1:i2], P[i1:i2, i2:])
     # W now holds every column's value before rounding (kept to count clipping below).
 
     info = {"backend": backend}

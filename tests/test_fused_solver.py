@@ -109,3 +109,46 @@ def test_triton_walk_in_interpreter_matches_torch_walk():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "worst agreement" in out.stdout and "OK" in out.stdout
+
+
+WALK_WITH_OFFSET = r"""
+import torch
+from common import fused_solver
+from common.solvers import _walk_torch
+
+g = torch.Generator().manual_seed(3)
+rows, n, lazy = 6, 24, 32
+U = torch.randn(n, n, generator=g).triu_(1) * 0.2 + torch.diag(torch.rand(n, generator=g) + 0.5)
+P = torch.randn(n, n, generator=g).triu_(1) * 0.05
+s = torch.rand(rows, 1, generator=g) * 0.2 + 0.1
+S, Z = s.expand(rows, n), torch.full((rows, n), 7.0)
+out = torch.randn(rows, 2 * lazy, generator=g)  # offset halves as the M form hands them over: strided views
+C = (out[:, :n], out[:, lazy:lazy + n], s)
+W0 = torch.randn(rows, n, generator=g)
+res = []
+for fn in (_walk_torch, fused_solver.walk):
+    W1, E1, Q1, K1 = W0.clone(), torch.empty(rows, n), torch.empty(rows, n), torch.empty(rows, n)
+    fn(W1, U, P, S, Z, 15, E1, Q1, C, K1)
+    res.append((W1, E1, Q1, K1))
+(Wt, Et, Qt, Kt), (Wk, Ek, Qk, Kk) = res
+assert torch.equal(Kt, torch.round(Qt / s)), "torch walk: K1 = q / s"
+assert torch.equal(Kk, torch.round(Kk)) and torch.equal(Kk, Kt), (Kk - Kt).abs().max()
+for a, b in ((Wt, Wk), (Et, Ek), (Qt, Qk)):
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+c = (out[:, :n] + out[:, lazy:lazy + n]) * s  # offset = walking W0 + c triu(U) and handing back err - c
+W2, E2, Q2 = W0 + c @ U, torch.empty(rows, n), torch.empty(rows, n)
+_walk_torch(W2, U, P, S, Z, 15, E2, Q2)
+assert torch.equal(Q2, Qt) and torch.allclose(E2 - c, Et, atol=1e-5), (E2 - c - Et).abs().max()
+assert torch.allclose(W2, Wt, atol=1e-5)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
+def test_walk_offset_and_steps_in_interpreter():
+    """The walk offset (GPTAQ's M form: c = (C1 + C2) s on strided views) and the integer-step output, in the Triton
+    kernel against the PyTorch walk, and the PyTorch walk against walking W + c triu(U) without an offset."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", WALK_WITH_OFFSET], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr

@@ -435,7 +435,7 @@ def test_gptaq_m_form_equals_p_form_in_float64(cfg, monkeypatch):
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("mode", ["split", "float32"])
 def test_cross_term_products_have_float32_accuracy(per_channel, mode):
-    """The M form's products, c_J = Q[:, :j1] M[:j1, J] and Err - G, G = c_J + Q_J M[J, J], checked against float64.
+    """The M form's products, the walk offset c_J = Q[:, :j1] M[:j1, J] and (Err - c_J) - Q_J M[J, J], against float64.
     Split TF32 runs on the CPU as float32 products of TF32-representable parts (three-part products, or integer
     codes times a row scale); a last block narrower than the others is included (n = 40, blocks of 16)."""
     from common.solvers import _CrossTerm
@@ -452,14 +452,20 @@ def test_cross_term_products_have_float32_accuracy(per_channel, mode):
         j2 = min(j1 + lazy, n)
         assert torch.allclose(cross.P_diag[j1 // lazy, :j2 - j1, :j2 - j1].double(), Md[j1:j2, j1:j2] @ U[j1:j2, j1:j2].double(),
                               rtol=1e-5, atol=1e-5)
-        c = cross.before(j1, j2)
+        C = cross.before(j1, j2)
         if j1 == 0:
-            assert c is None
-            c_ref = torch.zeros(rows, j2 - j1, dtype=torch.float64)
+            assert C is None
         else:
+            C1, C2, s = C
+            c = C1 if C2 is None else C1 + C2
+            c = c if s is None else c * s
             c_ref = Qd[:, :j1] @ Md[:j1, j1:j2]
             assert float((c.double() - c_ref).norm() / c_ref.norm()) < 1e-6
+        steps = cross.steps(j1, j2)
+        assert (steps is not None) == (per_channel and mode == "split")
+        if steps is not None:  # the walk writes the block's integer steps q / s
+            torch.round(Q[:, j1:j2] / scale, out=steps)
         err = torch.randn(rows, j2 - j1, generator=g)
-        want = err.double() - c_ref - Qd[:, j1:j2] @ Md[j1:j2, j1:j2]
-        cross.after(j1, j2, err, c)
+        want = err.double() - Qd[:, j1:j2] @ Md[j1:j2, j1:j2]
+        cross.after(j1, j2, err)
         assert float((err.double() - want).norm() / want.norm()) < 1e-6
