@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.profile_solver import kernel_times  # noqa: E402
-from bench.solver import GPU_SHAPES, make_inputs  # noqa: E402
+from bench.solver import GPU_SHAPES, make_inputs, timed  # noqa: E402
 from common import solvers, tf32  # noqa: E402
 from common.results import write_json  # noqa: E402
 from common.solvers import _CrossTerm, asym_cross, gptaq, gptq, inverse_cholesky  # noqa: E402
@@ -32,15 +31,8 @@ ALPHA, LAZY, BITS = 0.25, 128, 4
 
 
 def timed_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    """Median wall ms of fn after a warm-up, synchronized (bench/solver.py's `timed`)."""
+    return 1e3 * timed(fn, torch.device("cuda"), repeats)
 
 
 def kernel_ms(fn) -> float:

@@ -373,7 +373,7 @@ def _walk_torch(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor | None, S1:
     d = torch.diagonal(U1)
     B = U1 / d.unsqueeze(1)
     rules = [B if P1 is None else B - P1, -B]
-    off = _offset_columns(C, 0, n, combine=True)
+    off = _offset_value(C)
     if off is not None:
         rules.append(-U1)
     coef = torch.stack(rules, dim=1)  # [n, 2 or 3, n]
@@ -412,16 +412,20 @@ def _column_grids(scales: torch.Tensor, zeros: torch.Tensor, g_pos: torch.Tensor
     return scales[:, idx], zeros[:, idx]
 
 
-def _offset_columns(C: tuple | None, e1: int, e2: int, combine: bool = False):
-    """Columns e1..e2 of a walk offset C = (C1, C2, s) (see `_walk_torch`), or with combine=True of the offset
-    c = (C1 + C2) s itself."""
+def _offset_columns(C: tuple | None, e1: int, e2: int) -> tuple | None:
+    """Columns e1..e2 of a walk offset C = (C1, C2, s) (see `_walk_torch`; None stays None)."""
     if C is None:
         return None
     C1, C2, s = C
-    part = C1[:, e1:e2], None if C2 is None else C2[:, e1:e2], s
-    if not combine:
-        return part
-    c = part[0] if part[1] is None else part[0] + part[1]
+    return C1[:, e1:e2], None if C2 is None else C2[:, e1:e2], s
+
+
+def _offset_value(C: tuple | None) -> torch.Tensor | None:
+    """The offset c = (C1 + C2) s that C = (C1, C2, s) stands for (C2 and s may be None; None stays None)."""
+    if C is None:
+        return None
+    C1, C2, s = C
+    c = C1 if C2 is None else C1 + C2
     return c if s is None else c * s
 
 
@@ -533,7 +537,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
                     Wg = W[:, s1:s1 + group_size]
                     if C is not None:  # which include the group's share of the walk offset, c_grp triu(U[grp, grp])
                         g1, g2 = s1 - i1, s1 - i1 + group_size
-                        Wg = Wg + _offset_columns(C, g1, g2, combine=True) @ U_JJ[g1:g2, g1:g2]
+                        Wg = Wg + _offset_value(_offset_columns(C, g1, g2)) @ U_JJ[g1:g2, g1:g2]
                     scales[:, g:g + 1], zeros[:, g:g + 1] = fit_grid(Wg, bits, sym, mse, scale_dtype)
                 S1, Z1 = _column_grids(scales, zeros, g_pos, g_list, s1, s2)
             e1, e2 = s1 - i1, s2 - i1
