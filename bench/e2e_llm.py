@@ -3,10 +3,10 @@ Llama-2-7B-shaped model with random weights.
 
 The model (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000; weights N(0, 0.02), norms 1; the work
 does not depend on the values) is written once as sharded safetensors to --model_dir and reused while it exists.
-Each method then runs `fake_quant.main.quantize_streamed` (the code behind `fake_quant/main.py --stream`) on
+Each method then runs `common.runs.llm.quantize_streamed` (the code behind `fake_quant/main.py --stream`) on
 --nsamples random-token sequences of --seqlen tokens and the streamed perplexity on --eval_windows random windows,
 with the flags `--rotate --w_bits 4 --a_bits 4 --w_clip --a_clip_ratio 0.9 [--gptaq]`.  Reported per method:
-wall seconds of capture (H, dXXT), solve, stream forward (summed over layers by common.driver), the rest of the
+wall seconds of capture (H, dXXT), solve, stream forward (summed over layers by common.pipeline.driver), the rest of the
 quantization (reading, rotating and writing layers, the embedding pass), evaluation; peak GPU memory of the
 quantization and of the evaluation next to the estimate "one decoder layer (two for GPTAQ) + the input stream(s) +
 the largest H (and dXXT)"; peak host RSS (VmHWM).  With --layers N < 32 an N-layer model of the same shapes is used
@@ -27,11 +27,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import llm, streaming  # noqa: E402
-from common.perplexity import perplexity  # noqa: E402
-from common.results import environment, git_commit, markdown_table, write_json  # noqa: E402
-from fake_quant.args import parse_args  # noqa: E402
-from fake_quant.main import quantize_streamed, settings_from_args  # noqa: E402
+from common.models import llm  # noqa: E402
+from common.pipeline import streaming  # noqa: E402
+from common.eval.perplexity import perplexity  # noqa: E402
+from common.io.results import environment, git_commit, markdown_table, write_json  # noqa: E402
+from common.cli.llm import parse_args, settings  # noqa: E402
+from common.runs.llm import quantize_streamed, rotation_of  # noqa: E402
 
 FULL_LAYERS = 32
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -142,14 +143,14 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
     argv += ["--offload_inputs"] if a.offload_inputs else []
     args = parse_args(argv)
     args.dtype = a.dtype
-    wcfg, act, kv = settings_from_args(args)
+    wcfg, act, kv = settings(args)
     qdir = os.path.join(os.path.dirname(os.path.abspath(model_dir)), f".e2e_{method}_qmodel")
     shutil.rmtree(qdir, ignore_errors=True)
     block_times: list[dict] = []
     try:
         _reset_peak(device)
         t0 = time.perf_counter()
-        quantize_streamed(args, wcfg, act, kv, cal, device, None, qdir, block_times)
+        quantize_streamed(args, wcfg, act, kv, cal, device, None, qdir, rotation_of(args), block_times)
         _sync(device)
         quantize_s = time.perf_counter() - t0
         peak_quantize = _peak_gib(device)

@@ -1,8 +1,8 @@
 """Multi-GPU speed-up of the layer-by-layer quantization (torchrun, one process per GPU).
 
 Every rank builds the same random-weight Llama-shaped model from a config (Llama-2-7B widths, `--layers` decoder
-layers; nothing is downloaded, no `datasets` / `lm_eval`), then runs fake_quant's pipeline (`fake_quant.main.quantize`:
-QuaRot rotation, quantizers, `common.driver.quantize_blocks`) on random calibration tokens sharded over the ranks.
+layers; nothing is downloaded, no `datasets` / `lm_eval`), then runs fake_quant's pipeline (`common.runs.llm.quantize`:
+QuaRot rotation, quantizers, `common.pipeline.driver.quantize_blocks`) on random calibration tokens sharded over the ranks.
 Rank 0 records, under the number of processes in `--out`: the driver's wall time (capture + solves + both streams,
 all layers, between two barriers), the whole quantize call (with the CPU rotation), peak GPU memory per rank, and
 a SHA-256 of the quantized decoder weights (equal on every rank, and equal to the 1-process run's when the sums
@@ -24,10 +24,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distributed, driver, llm  # noqa: E402
-from common.results import environment, markdown_table, write_json  # noqa: E402
-from fake_quant.args import build_parser  # noqa: E402
-from fake_quant.main import quantize, seed_everything, settings_from_args  # noqa: E402
+from common.pipeline import distributed  # noqa: E402
+from common.pipeline import driver  # noqa: E402
+from common.models import llm  # noqa: E402
+from common.io.results import environment, markdown_table, write_json  # noqa: E402
+from common.cli.llm import build_parser, settings  # noqa: E402
+from common.models.rotation import Rotation  # noqa: E402
+from common.runs.llm import quantize, seed_everything  # noqa: E402
 
 FQ_DEFAULTS = ["--rotate", "--w_bits", "4", "--a_bits", "4", "--gptaq", "--w_clip"]
 
@@ -87,8 +90,9 @@ def main() -> None:
     world = distributed.world_size()
     torch.set_num_threads(bench.threads)  # torchrun gives each worker 1 thread otherwise
     seed_everything(fq.seed)
-    wcfg, act, kv = settings_from_args(fq)
+    wcfg, act, kv = settings(fq)
     model = build_model(bench)
+    rotation = Rotation.quarot(model.config, fq.rotate_mode, fq.rotation_seed, fq.fp32_had) if fq.rotate else None
     g = torch.Generator().manual_seed(fq.seed)
     cal = [torch.randint(0, bench.vocab, (1, bench.seqlen), generator=g) for _ in range(bench.nsamples)]
 
@@ -103,12 +107,12 @@ def main() -> None:
         timed["driver_s"] = time.time() - t0
         return out
 
-    driver.quantize_blocks = timed_driver  # fake_quant.main.quantize imports it at call time
+    driver.quantize_blocks = timed_driver  # common.runs.llm.quantize imports it at call time
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.time()
-    quantize(model, fq, wcfg, act, kv, cal, device)
+    quantize(model, fq, wcfg, act, kv, cal, device, rotation)
     _sync(device)
     quantize_s = time.time() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.solver import make_inputs  # noqa: E402
-from common import solvers  # noqa: E402
+from common.solver import gptaq, gptq  # noqa: E402
 
 
 def kernel_times(fn) -> tuple[float, float, list[tuple[str, float, int]]]:
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     W, H, dXXT = make_inputs(r, c, torch.device("cuda"))
     out = {}
     for method, form in (("gptq", None), ("gptaq", "m"), ("gptaq_pform", "p")):
-        solvers.ASYM_FORM = form or "m"
-        fn = (lambda: solvers.gptq(W, H, bits=4)) if form is None else (lambda: solvers.gptaq(W, H, dXXT, bits=4))
+        fn = (lambda: gptq(W, H, bits=4)) if form is None else (lambda: gptaq(W, H, dXXT, bits=4, form=form))
         wall, total, rows = kernel_times(fn)
         launches = sum(n for _, _, n in rows)
         out[method] = dict(wall_ms=wall, total_ms=total, launches=launches,
@@ -58,7 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.shape} {method}: wall {wall:.2f} ms, CUDA kernels {total:.2f} ms in {launches} launches")
         for k, ms, n in rows[:args.top]:
             print(f"  {ms:8.3f} ms  {n:5d}x  {k[:110]}")
-    solvers.ASYM_FORM = "m"
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

@@ -1,9 +1,10 @@
-"""Time GPTQ, GPTAQ (M form and published P form) and GPTAQ exact: published-loop baseline, our PyTorch walk and the Triton walk.
+"""Time GPTQ, GPTAQ (M form and P form) and GPTAQ exact: the published loop, our PyTorch walk and the Triton walk.
 
 Usage: python bench/solver.py [--shapes 4096x4096,11008x4096,4096x11008,8192x28672] [--repeats 3] [--json out.json]
 On CUDA it uses the paper shapes (float32, TF32 off); without CUDA it uses small shapes (no Triton column) so it
 finishes on a laptop.  Inputs are random and correlated (never zeros); timings are medians after one warm-up,
-synchronized.  The baseline is bench/baseline_gptaq.py (per-channel runs only).
+synchronized.  "The published loop" is backend="reference" (common/solver/reference.py: the published GPTQ / GPTAQ
+layer loops, one column at a time; the P form's problem is the same, so it is timed once for both GPTAQ rows).
 
 Floor = the solve's FLOPs over the float32 matmul rate measured in the same run (8192^3 product, TF32 off), with
 FLOPs counted for the triangular algorithm (r x n weight, n inputs; a multiply-add is 2 FLOPs):
@@ -24,13 +25,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.baseline_gptaq import baseline_solve  # noqa: E402
-from common import solvers  # noqa: E402
-from common.solvers import gptaq, gptq  # noqa: E402
+from common.solver import SolverConfig, quantize_linear  # noqa: E402
+from common.solver.config import GPTAQ_PRECISIONS  # noqa: E402
 
 GPU_SHAPES = "4096x4096,11008x4096,4096x11008,8192x28672"
 CPU_SHAPES = "256x256,688x256,256x688"
-METHODS = ("gptq", "gptaq", "gptaq_pform", "gptaq_exact")
+METHODS = {  # label: SolverConfig fields
+    "gptq": dict(method="gptq"),
+    "gptaq": dict(method="gptaq"),
+    "gptaq_pform": dict(method="gptaq", form="p"),
+    "gptaq_exact": dict(method="gptaq", variant="exact"),
+}
 
 
 def make_inputs(rows: int, cols: int, device: torch.device, seed: int = 0):
@@ -78,17 +83,6 @@ def solve_flops(method: str, rows: int, n: int) -> float:
             "gptaq_exact": base + 4 * rows * n**2}[method]
 
 
-def _p_form(fn):
-    """fn run with GPTAQ's cross-block term in the published P form (solvers.ASYM_FORM = "p")."""
-    def run(*args):
-        default, solvers.ASYM_FORM = solvers.ASYM_FORM, "p"
-        try:
-            return fn(*args)
-        finally:
-            solvers.ASYM_FORM = default
-    return run
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="comma-separated ROWSxCOLS (W is out x in)")
@@ -96,45 +90,41 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--group_size", type=int, default=-1)
     p.add_argument("--act_order", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no_baseline", action="store_true", help="skip the published-loop baseline")
-    p.add_argument("--asym_matmul", choices=solvers.ASYM_MATMULS, default=solvers.ASYM_MATMUL,
-                   help="precision of GPTAQ's extra products on CUDA (solvers.ASYM_MATMUL; default %(default)s)")
+    p.add_argument("--no_reference", action="store_true", help="skip timing the published loop (backend reference)")
+    p.add_argument("--asym_matmul", choices=GPTAQ_PRECISIONS, default=SolverConfig().gptaq.precision,
+                   help="precision of GPTAQ's extra products on CUDA (GPTAQConfig.precision; default %(default)s)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    solvers.ASYM_MATMUL = args.asym_matmul
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    kw = dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
+    base = SolverConfig(bits=args.bits, group_size=args.group_size, act_order=args.act_order).replace(
+        precision=args.asym_matmul)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     backends = ("torch", "triton") if device.type == "cuda" else ("torch",)
-    with_baseline = args.group_size == -1 and not args.act_order and not args.no_baseline  # baseline: per channel
     rate = matmul_rate(device)
     rows_out = []
     for shape in shapes.split(","):
         r, c = (int(v) for v in shape.lower().split("x"))
         W, H, dXXT = make_inputs(r, c, device)
-        solves = {
-            "gptq": (lambda b: gptq(W, H, backend=b, **kw), lambda: baseline_solve(W, H, None, args.bits)),
-            "gptaq": (lambda b: gptaq(W, H, dXXT, backend=b, **kw), lambda: baseline_solve(W, H, dXXT, args.bits)),
-            "gptaq_pform": (_p_form(lambda b: gptaq(W, H, dXXT, backend=b, **kw)), None),
-            "gptaq_exact": (lambda b: gptaq(W, H, dXXT, exact=True, backend=b, **kw),
-                            lambda: baseline_solve(W, H, dXXT, args.bits, exact=True)),
-        }
-        for method in METHODS:
-            ours, base = solves[method]
+        for method, fields in METHODS.items():
+            cfg = base.replace(**fields)
             row = dict(shape=f"{r}x{c}", method=method, flops=solve_flops(method, r, c))
             row["floor_s"] = row["flops"] / rate
             for b in backends:
-                row[f"{b}_s"] = timed(lambda: ours(b), device, args.repeats)
-            if base is None:  # the P form solves GPTAQ's problem: same baseline, timed once
-                row["baseline_s"] = next(x["baseline_s"] for x in rows_out if x["shape"] == row["shape"]
-                                         and x["method"] == "gptaq")
+                row[f"{b}_s"] = timed(lambda: quantize_linear(W, H, dXXT, cfg.replace(backend=b)), device,
+                                      args.repeats)
+            if args.no_reference:
+                row["reference_s"] = float("nan")
+            elif method == "gptaq_pform":  # the published loop has no M form: the same loop as "gptaq", timed once
+                row["reference_s"] = next(x["reference_s"] for x in rows_out if x["shape"] == row["shape"]
+                                          and x["method"] == "gptaq")
             else:
-                row["baseline_s"] = timed(base, device, args.repeats) if with_baseline else float("nan")
+                row["reference_s"] = timed(lambda: quantize_linear(W, H, dXXT, cfg.replace(backend="reference")),
+                                           device, args.repeats)
             best = row[f"{backends[-1]}_s"]
-            row["speedup_vs_baseline"] = row["baseline_s"] / best
+            row["speedup_vs_reference"] = row["reference_s"] / best
             row["over_floor"] = best / row["floor_s"]
             rows_out.append(row)
             print(f"  {row['shape']} {method}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -153,13 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"float32 matmul {rate / 1e12:.2f} TFLOP/s")
     best = backends[-1]
     tri_head = "Triton walk s | " if best == "triton" else ""
-    print(f"| shape (out x in) | method | baseline s | PyTorch walk s | {tri_head}speed-up vs baseline | / our GPTQ | "
-          "floor s | / floor |")
+    print(f"| shape (out x in) | method | published loop s | PyTorch walk s | {tri_head}speed-up vs published | "
+          "/ our GPTQ | floor s | / floor |")
     print("|---|---|---|---|" + ("---|" if best == "triton" else "") + "---|---|---|---|")
     for row in rows_out:
         tri = f"{row['triton_s']:.3f} | " if best == "triton" else ""
-        print(f"| {row['shape']} | {row['method']} | {row['baseline_s']:.3f} | {row['torch_s']:.3f} | {tri}"
-              f"{row['speedup_vs_baseline']:.1f}x | {row['over_gptq']:.2f} | {row['floor_s']:.4f} | "
+        print(f"| {row['shape']} | {row['method']} | {row['reference_s']:.3f} | {row['torch_s']:.3f} | {tri}"
+              f"{row['speedup_vs_reference']:.1f}x | {row['over_gptq']:.2f} | {row['floor_s']:.4f} | "
               f"{row['over_floor']:.1f}x |")
     if args.json:
         tmp = args.json + ".tmp"

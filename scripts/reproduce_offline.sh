@@ -13,7 +13,7 @@ done
 gq_setup "offline_$([[ $quick == 1 ]] && echo quick || echo full)" "Usage: scripts/reproduce_offline.sh [--quick] [--help] [--dry_run]
 
 Needs the assets of scripts/get_assets.sh: assets/smollm2-135m (SmolLM2-135M-Instruct; its weights come from a
-Q4_1 GGUF, see common/assets.py) and assets/pydoc/{cal,eval}.txt.  Calibration reads only cal.txt, perplexity
+Q4_1 GGUF, see common/data/assets.py) and assets/pydoc/{cal,eval}.txt.  Calibration reads only cal.txt, perplexity
 only eval.txt.  Methods: fp16 (once), rtn, gptq, gptaq, gptaq_exact; settings:
   w4a4_rot     QuaRot, W4 per-channel asym + MSE clip (full mode), A4 per-token asym clipped at 0.9
   w4a4kv4_rot  the same plus K/V 4-bit per-head asym clipped at 0.95

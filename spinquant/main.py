@@ -1,40 +1,39 @@
-"""SpinQuant + GPTQ / GPTAQ: the fake_quant pipeline with learned rotations instead of random Hadamards.
+"""SpinQuant + GPTQ / GPTAQ: the LLM pipeline with learned rotations instead of random Hadamards.
 
 Norms fused, then the learned R1 (residual stream) and per-layer R2 (value heads) from
 `spinquant/optimize_rotation.py` folded into the weights (E R1, W R1, R1^T W, R2^T W_v, W_o R2); R3 (q/k after RoPE)
 and R4 (down_proj input) stay online Hadamards.  Everything after the rotation (activation/KV quantizers,
-layer-by-layer GPTQ / GPTAQ / RTN, perplexity, lm-eval, results.json) is `fake_quant/main.py`'s `run`, with all
-its flags.  A rotation file without R2 (R1 only) gets QuaRot's shared random Hadamard R2 from --rotation_seed.
+layer-by-layer GPTQ / GPTAQ / RTN, perplexity, lm-eval, results.json, --stream, --resume, torchrun) is
+common/runs/llm.py's `run` with fake_quant's flags: the rotation is handed to it as a `common.models.rotation.Rotation`.
+A rotation file without R2 (R1 only) gets QuaRot's shared random Hadamard R2 from --rotation_seed.
 
     python spinquant/main.py --model meta-llama/Llama-2-7b-hf --optimized_rotation_path R.bin --w_bits 4 \
         --a_bits 4 --k_bits 4 --v_bits 4 --gptaq
+    torchrun --nproc_per_node 2 spinquant/main.py ...   (same flags; one GPU per process)
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import llm  # noqa: E402
-from common.rotation_io import RotationSet, load_rotations, model_dims  # noqa: E402
-from fake_quant import args as fq_args  # noqa: E402
-from fake_quant import main as fq_main  # noqa: E402
+from common.cli.llm import build_parser as llm_parser
+from common.cli.llm import check_args, run_name
+from common.models import llm
+from common.models.hadamard import random_hadamard_matrix
+from common.models.rotation import Rotation
+from common.models.rotation_io import RotationSet, load_rotations, model_dims
+from common.runs.llm import run_cli
 
 log = logging.getLogger("spinquant")
 
-__all__ = ["build_parser", "parse_args", "learned_rotation", "run", "main"]
+__all__ = ["build_parser", "parse_args", "learned_rotation", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """fake_quant's parser plus --optimized_rotation_path; --rotate is implied and --rotate_mode unused."""
-    p = fq_args.build_parser()
-    p.prog = "spinquant/main.py"
+    p = llm_parser("spinquant/main.py")
     p.description = ("SpinQuant: learned R1/R2 rotations (spinquant/optimize_rotation.py) + GPTQ / GPTAQ / RTN "
                      "weight quantization with activation and KV-cache fake quantization; same flags and outputs "
                      "as fake_quant/main.py.")
@@ -53,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Rotat
     args = p.parse_args(argv)
     if args.load_qmodel_path is not None:
         p.error("--load_qmodel_path: evaluate saved models with fake_quant/main.py (the rotation is already in them)")
-    fq_args._check_args(p, args)
+    check_args(p, args)
     args.rotate = True
     args.rotate_mode = "spinquant"
     try:
@@ -61,56 +60,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Rotat
     except (ValueError, OSError) as e:
         p.error(f"--optimized_rotation_path: {str(e).splitlines()[0]}")
     if args.output_dir is None:
-        args.output_dir = os.path.join("outputs", "spinquant", fq_args.run_name(args).removesuffix("_rot") + "_spin")
+        args.output_dir = os.path.join("outputs", "spinquant", run_name(args).removesuffix("_rot") + "_spin")
     return args, rot
 
 
-@contextmanager
-def learned_rotation(rot: RotationSet, rotation_seed: int) -> Iterator[None]:
-    """While active, the pipeline's rotation step (`common.rotation.quarot_rotate`, which fake_quant's `quantize`
-    looks up at call time) folds `rot` instead of drawing random Hadamards."""
-    from common import rotation
-    from common.hadamard import random_hadamard_matrix
-
-    original = rotation.quarot_rotate
-
-    def spinquant_rotate(model, mode: str = "hadamard", seed: int = 0, fp32_had: bool = False,
-                         progress: bool = False, online_r4: bool = True) -> None:
-        R2 = rot.R2
-        if R2 is None:
-            R2 = random_hadamard_matrix(model_dims(model.config)[1], rotation_seed + 1)
-        rotation.rotate_model(model, rot.R1, R2, online_r4=online_r4, fp32_had=fp32_had, mode="spinquant", seed=None,
-                              progress=progress)
-
-    rotation.quarot_rotate = spinquant_rotate
-    try:
-        yield
-    finally:
-        rotation.quarot_rotate = original
-
-
-def run(args: argparse.Namespace, rot: RotationSet) -> dict:
-    """fake_quant's run with the learned rotation; results.json gains a "rotation" record."""
-    from common.results import write_results
-
-    with learned_rotation(rot, args.rotation_seed):
-        result = fq_main.run(args)
-    result["rotation"] = {"kind": "spinquant", "path": os.path.abspath(os.path.expanduser(args.optimized_rotation_path)),
-                          "has_r2": rot.R2 is not None, "meta": rot.meta}
-    write_results(args.output_dir, result)
-    return result
+def learned_rotation(rot: RotationSet, config, rotation_seed: int, fp32_had: bool = False) -> Rotation:
+    """The learned R1/R2 as the pipeline's rotation; a file without R2 gets QuaRot's random Hadamard R2 drawn
+    from rotation_seed + 1."""
+    R2 = rot.R2 if rot.R2 is not None else random_hadamard_matrix(model_dims(config)[1], rotation_seed + 1)
+    return Rotation(rot.R1, R2, mode="spinquant", seed=None, fp32_had=fp32_had)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, rot = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from common.solvers import SolverError
-
-    try:
-        return run(args, rot)
-    except (llm.LLMError, SolverError) as e:
-        raise SystemExit(f"error: {e}") from None
+    rotation = learned_rotation(rot, llm.read_config(args.model), args.rotation_seed, args.fp32_had)
+    record = {"kind": "spinquant", "path": os.path.abspath(os.path.expanduser(args.optimized_rotation_path)),
+              "has_r2": rot.R2 is not None, "meta": rot.meta}
+    return run_cli(args, rotation, extra={"rotation": record})
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ from the frozen W (input side W R1, output side R1^T W, v_proj rows per head R2^
 then RTN fake-quantized at --w_bits; activations and the K/V cache are quantized at --a_bits/--k_bits/--v_bits;
 R3 (q/k after RoPE) and R4 (down_proj input) stay online Hadamards.  Rounding uses the straight-through
 estimator y = x + (Q(x) - x).detach(), so the gradient reaches R1/R2.  R1, R2 start as random Hadamards and are
-updated by `common.cayley.CayleySGD` (lr 1.5 with linear decay to 0, 100 iterations, as in the paper).
+updated by `common.models.cayley.CayleySGD` (lr 1.5 with linear decay to 0, 100 iterations, as in the paper).
 
     python spinquant/optimize_rotation.py --model meta-llama/Llama-2-7b-hf --w_bits 16 --a_bits 4 --k_bits 4 \
         --v_bits 4 --a_asym --k_asym --v_asym --k_groupsize 128 --v_groupsize 128 --output_rotation_path R.bin
 (to follow with GPTQ/GPTAQ the SpinQuant authors train with 16-bit weights, W16A4KV4, as above.)
 
 One device holds the whole model (--micro_bsz chunks of each --bsz batch, gradients accumulated; --grad_checkpointing
-saves activation memory).  Under torchrun the training is data-parallel (`common.distributed`): every rank draws
+saves activation memory).  Under torchrun the training is data-parallel (`common.pipeline.distributed`): every rank draws
 the same --bsz sample indices, runs its share idx[rank::world_size] and the R1/R2 gradients and the loss are summed
 with one all-reduce per step, so every rank takes the same Cayley step and R processes follow the single-process
 optimisation (up to float summation order).  The published recipe (8 GPUs, 1 sample each, 100 steps) is
@@ -25,21 +25,18 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import distributed  # noqa: E402
-from common.act_quant import ActQuantizer, ActQuantLinear  # noqa: E402
-from common.cayley import CayleySGD, orthogonality_error  # noqa: E402
-from common.device import resolve_device  # noqa: E402
-from common.solvers import rtn  # noqa: E402
+from common.cli import flags, types
+from common.cli.device import resolve_device
+from common.models.cayley import CayleySGD, orthogonality_error
+from common.pipeline import distributed
+from common.quant.act_quant import ActQuantizer, ActQuantLinear
+from common.solver import rtn
 
 log = logging.getLogger("spinquant")
 
@@ -58,7 +55,7 @@ class Rotations(nn.Module):
     @classmethod
     def random_hadamard(cls, hidden_size: int, head_dim: int, num_layers: int, seed: int) -> "Rotations":
         """SpinQuant's initialisation: R1 and every R2 random Hadamard matrices (distinct seeds)."""
-        from common.hadamard import random_hadamard_matrix
+        from common.models.hadamard import random_hadamard_matrix
 
         R1 = random_hadamard_matrix(hidden_size, seed)
         R2 = [random_hadamard_matrix(head_dim, seed + 1 + i) for i in range(num_layers)]
@@ -232,8 +229,8 @@ def build_training_model(model: nn.Module, rot: Rotations, *, weight_quant: dict
     functionally on top: (R1^T W) H^T is what rotate_model(R1, R2) folds), then the K/V quantizers with R3 and
     the activation quantizers of the fake_quant pipeline (`llm.install_quantizers`), then the parametrizations.
     """
-    from common.llm import install_quantizers
-    from common.rotation import rotate_model
+    from common.models.llm import install_quantizers
+    from common.models.rotation import rotate_model
 
     eye = torch.eye(model.config.hidden_size, dtype=torch.float64)
     rotate_model(model, eye, None, online_r4=True, fp32_had=fp32_had, mode="spinquant-train")
@@ -245,9 +242,7 @@ def build_training_model(model: nn.Module, rot: Rotations, *, weight_quant: dict
 # ------------------------------------------------------------------------------------------------ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    from fake_quant.args import OneLineParser, _bits, _groupsize, _positive, _ratio
-
-    p = OneLineParser(prog="spinquant/optimize_rotation.py", description=(
+    p = types.OneLineParser(prog="spinquant/optimize_rotation.py", description=(
         "SpinQuant: learn R1/R2 by Cayley SGD on the W/A/KV fake-quantized model (straight-through estimator); "
         "writes a rotation file for spinquant/main.py --optimized_rotation_path."))
     g = p.add_argument_group("model")
@@ -258,29 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and the batch order")
     g.add_argument("--rotation_seed", type=int, default=0, help="seed of the random Hadamard initialisation")
     g = p.add_argument_group("quantization during training (RTN weights, straight-through estimator)")
-    g.add_argument("--w_bits", type=_bits, default=16, help="weight bits (16 = unquantized; use 16 before GPTQ/GPTAQ)")
-    g.add_argument("--w_groupsize", type=_groupsize, default=-1, help="weight group size (-1: per channel)")
+    g.add_argument("--w_bits", type=types.bits, default=16,
+                   help="weight bits (16 = unquantized; use 16 before GPTQ/GPTAQ)")
+    g.add_argument("--w_groupsize", type=types.groupsize, default=-1, help="weight group size (-1: per channel)")
     g.add_argument("--w_asym", action="store_true", help="asymmetric weight grid (default symmetric)")
     g.add_argument("--w_clip", action="store_true", help="MSE search of the weight clipping range")
-    g.add_argument("--a_bits", type=_bits, default=16, help="input activation bits of every decoder linear")
-    g.add_argument("--a_groupsize", type=_groupsize, default=-1, help="activation group size (-1: per token)")
-    g.add_argument("--a_asym", action="store_true", help="asymmetric activation grid")
-    g.add_argument("--a_clip_ratio", type=_ratio, default=1.0, help="activation clip ratio")
-    g.add_argument("--int8_down_proj", action="store_true", help="down_proj inputs at 8 bits")
-    for kv in ("k", "v"):
-        name = "key" if kv == "k" else "value"
-        g.add_argument(f"--{kv}_bits", type=_bits, default=16, help=f"{name} cache bits")
-        g.add_argument(f"--{kv}_groupsize", type=_groupsize, default=-1, help=f"{name} group size (-1: per head)")
-        g.add_argument(f"--{kv}_asym", action="store_true", help=f"asymmetric {name} grid")
-        g.add_argument(f"--{kv}_clip_ratio", type=_ratio, default=1.0, help=f"{name} clip ratio")
     g.add_argument("--fp32_had", action="store_true", help="online Hadamards in float32")
+    flags.add_act_flags(p, int8_down_proj=True)
+    flags.add_kv_flags(p)
     g = p.add_argument_group("training")
     g.add_argument("--cal_dataset", default="wikitext2", help="training text: a dataset name or a local file")
-    g.add_argument("--nsamples", type=_positive, default=800, help="training sequences (paper: 800)")
-    g.add_argument("--seqlen", type=_positive, default=2048, help="sequence length (paper: 2048)")
-    g.add_argument("--iters", type=_positive, default=100, help="optimizer steps (paper: 100)")
-    g.add_argument("--bsz", type=_positive, default=8, help="sequences per step (published: 8 GPUs x 1)")
-    g.add_argument("--micro_bsz", type=_positive, default=1, help="sequences per forward/backward (memory)")
+    g.add_argument("--nsamples", type=types.positive, default=800, help="training sequences (paper: 800)")
+    g.add_argument("--seqlen", type=types.positive, default=2048, help="sequence length (paper: 2048)")
+    g.add_argument("--iters", type=types.positive, default=100, help="optimizer steps (paper: 100)")
+    g.add_argument("--bsz", type=types.positive, default=8, help="sequences per step (published: 8 GPUs x 1)")
+    g.add_argument("--micro_bsz", type=types.positive, default=1, help="sequences per forward/backward (memory)")
     g.add_argument("--lr", type=float, default=1.5, help="Cayley SGD learning rate (paper: 1.5)")
     g.add_argument("--lr_schedule", choices=["linear", "cosine"], default="linear",
                    help="decay to 0 (paper: linear; the published script: cosine)")
@@ -295,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate everything checkable before loading weights; errors are one line, exit status 2."""
-    from common.data import check_dataset_arg
-    from common.llm import LLMError, check_config, read_config
+    from common.data.text import check_dataset_arg
+    from common.models.llm import LLMError, check_config, read_config
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -331,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_group_sizes(p: argparse.ArgumentParser, a: argparse.Namespace, config) -> None:
-    from common.llm import head_dim, linear_in_features
+    from common.models.llm import head_dim, linear_in_features
 
     for flag in ("w_groupsize", "a_groupsize"):
         size = getattr(a, flag)
@@ -345,16 +332,8 @@ def _check_group_sizes(p: argparse.ArgumentParser, a: argparse.Namespace, config
 
 
 def _settings(a: argparse.Namespace):
-    from common.kv_quant import KVQuantConfig
-    from common.llm import ActQuantSettings
-
     wq = None if a.w_bits == 16 else dict(bits=a.w_bits, sym=not a.w_asym, mse=a.w_clip, group_size=a.w_groupsize)
-    act = ActQuantSettings(bits=a.a_bits, groupsize=a.a_groupsize, sym=not a.a_asym, clip_ratio=a.a_clip_ratio,
-                           down_proj_bits=8 if a.int8_down_proj else None)
-    kv = KVQuantConfig(k_bits=a.k_bits, k_groupsize=a.k_groupsize, k_sym=not a.k_asym, k_clip_ratio=a.k_clip_ratio,
-                       v_bits=a.v_bits, v_groupsize=a.v_groupsize, v_sym=not a.v_asym, v_clip_ratio=a.v_clip_ratio,
-                       rotate_qk=True, fp32_had=a.fp32_had)
-    return wq, act, kv
+    return wq, flags.act_settings(a), flags.kv_config(a, rotate_qk=True, fp32_had=a.fp32_had)
 
 
 def run_name(a: argparse.Namespace) -> str:
@@ -364,10 +343,10 @@ def run_name(a: argparse.Namespace) -> str:
 
 def run(a: argparse.Namespace) -> dict:
     """Load, build f_Q, train R1/R2, write the rotation file and results.json; returns the results record."""
-    from common import llm
-    from common.data import get_calibration_data
-    from common.results import PhaseTimer, reset_peak_memory, write_results
-    from common.rotation_io import model_dims, save_rotations
+    from common.models import llm
+    from common.data.text import get_calibration_data
+    from common.io.results import PhaseTimer, reset_peak_memory, write_results
+    from common.models.rotation_io import model_dims, save_rotations
 
     timer = PhaseTimer()
     torch.manual_seed(a.seed)
@@ -422,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from common.llm import LLMError
+    from common.models.llm import LLMError
 
     try:
         return run(a)

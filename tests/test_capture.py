@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common import driver, tf32
-from common.distributed import SummedHessian
+from common.pipeline import driver
+from common.solver import tf32
+from common.pipeline.hessian import HessianAccumulator
 
 
 class _ThreeLinears(nn.Module):
@@ -24,7 +25,7 @@ class _ThreeLinears(nn.Module):
 
 
 def _reference(batches, asymmetric=False, fp=None):
-    ref = SummedHessian(8, asymmetric=asymmetric)
+    ref = HessianAccumulator(8, asymmetric=asymmetric)
     for i, x in enumerate(batches):
         ref.add(x, None if fp is None else fp[i])
     return ref
@@ -63,7 +64,7 @@ def test_asymmetric_capture_advances_the_fp_stream_in_the_same_pass():
 
 
 def test_clone_is_independent():
-    acc = SummedHessian(4, asymmetric=True)
+    acc = HessianAccumulator(4, asymmetric=True)
     x = torch.randn(6, 4)
     acc.add(x, x + 1)
     twin = acc.clone()

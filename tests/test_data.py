@@ -1,10 +1,10 @@
-"""common.data: local txt/jsonl/parquet loading, calibration sampling, evaluation windows, argument errors."""
+"""common.data.text: local txt/jsonl/parquet loading, calibration sampling, evaluation windows, argument errors."""
 import json
 
 import pytest
 import torch
 
-from common.data import check_dataset_arg, get_calibration_data, get_eval_data, load_documents, tokenize_text
+from common.data.text import check_dataset_arg, get_calibration_data, get_eval_data, load_documents, tokenize_text
 from fixtures import make_tiny_tokenizer, pseudo_text, write_text
 
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import distributed
-from common.distributed import SummedHessian
-from common.hessian import HessianAccumulator
+from common.pipeline import distributed
+from common.pipeline.hessian import HessianAccumulator
 from fixtures import make_tiny_causal_lm, write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,25 +30,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_summed_hessian_matches_float64_reference_and_any_split():
+def test_hessian_accumulator_matches_float64_reference_and_any_split():
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(24, 24, generator=g)
     xs = [torch.randn(3, 7, 24, generator=g) @ mix for _ in range(4)]
     fp = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
-    one, halves = SummedHessian(24, asymmetric=True), [SummedHessian(24, asymmetric=True) for _ in range(2)]
-    legacy = HessianAccumulator(24, asymmetric=True)
+    one, halves = HessianAccumulator(24, asymmetric=True), [HessianAccumulator(24, asymmetric=True) for _ in range(2)]
     for b, (x, f) in enumerate(zip(xs, fp)):
         one.add(x, f)
-        legacy.add(x, f)
         halves[b % 2].add(x, f)
     X, F = torch.cat(xs).reshape(-1, 24).double(), torch.cat(fp).reshape(-1, 24).double()
     n = X.shape[0]
-    assert one.nsamples == legacy.nsamples == n
+    assert one.nsamples == n
     assert torch.allclose(one.H.double(), 2 / n * X.T @ X, rtol=1e-6, atol=1e-6)
     assert torch.allclose(one.dXXT.double(), 2 / n * (F - X).T @ X, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(one.H, legacy.H, rtol=1e-5, atol=1e-5)
     # what all_reduce does across two ranks: add the raw sums, then scale by the total token count
-    merged = SummedHessian(24, asymmetric=True)
+    merged = HessianAccumulator(24, asymmetric=True)
     merged._S, merged._D = halves[0]._S + halves[1]._S, halves[0]._D + halves[1]._D
     merged.nsamples = halves[0].nsamples + halves[1].nsamples
     assert torch.equal(merged.H, one.H) and torch.equal(merged.dXXT, one.dXXT)
@@ -82,11 +78,32 @@ def _argv(env, out: Path) -> list[str]:
             "--output_dir", str(out), "--save_qmodel_path", str(out / "qmodel")]
 
 
-def test_two_gloo_processes_give_the_weights_of_one(env, tmp_path):
-    one = main(_argv(env, tmp_path / "one"))
+def _spinquant_argv(env, out: Path) -> list[str]:
+    """spinquant/main.py with a rotation file of random orthogonal R1 / R2 (hidden 64, head_dim 16, 2 layers)."""
+    from common.models.hadamard import random_orthogonal_matrix
+    from common.models.rotation_io import save_rotations
+
+    path = env["root"] / "R.bin"
+    if not path.exists():
+        save_rotations(path, random_orthogonal_matrix(64, 0).float(),
+                       [random_orthogonal_matrix(16, 1 + i).float() for i in range(2)], model="tiny")
+    return [a for a in _argv(env, out) if a != "--rotate"] + ["--optimized_rotation_path", str(path)]
+
+
+@pytest.mark.parametrize("front_end", ["fake_quant", "spinquant"])
+def test_two_gloo_processes_give_the_weights_of_one(env, tmp_path, front_end):
+    if front_end == "fake_quant":
+        argv = _argv
+        one = main(argv(env, tmp_path / "one"))
+    else:
+        from spinquant.main import main as spinquant_main
+
+        argv = _spinquant_argv
+        one = spinquant_main(argv(env, tmp_path / "one"))
+        assert one["rotation"]["kind"] == "spinquant"
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "fake_quant" / "main.py"), *_argv(env, out)]
+           str(REPO / front_end / "main.py"), *argv(env, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,17 +1,19 @@
-"""common.driver: GPTQ / GPTAQ / RTN block by block on a tiny rotated Llama, and on a toy non-HF block."""
+"""common.pipeline.driver: GPTQ / GPTAQ / RTN block by block on a tiny rotated Llama, and on a toy non-HF block."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from common import driver, llm
-from common.act_quant import ActQuantLinear, ActQuantizer, set_act_quant, wrap_linears
-from common.driver import WeightQuantConfig, quantize_blocks
-from common.hessian import HessianAccumulator
+from common.models import llm
+from common.quant.act_quant import ActQuantLinear, ActQuantizer, set_act_quant, wrap_linears
+from common.pipeline.driver import quantize_blocks
+from common.pipeline.hessian import HessianAccumulator
+from common.solver import SolverConfig
 from fixtures import make_tiny_causal_lm
 
 LINEARS = [n for g in llm.LAYER_GROUPS for n in g]
+_ADD = HessianAccumulator.add  # the production accumulator's own add, wrapped by _run
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,8 @@ def llama_dir(tmp_path_factory):
 
 
 def _setup(path, a_bits=4):
-    from common.kv_quant import KVQuantConfig
-    from common.rotation import quarot_rotate
+    from common.models.kv_quant import KVQuantConfig
+    from common.models.rotation import quarot_rotate
 
     model = llm.load_model(str(path), "float32")
     quarot_rotate(model, seed=0)
@@ -31,27 +33,25 @@ def _setup(path, a_bits=4):
     return model, batches
 
 
-class _Recording(HessianAccumulator):
-    calls: list = []
-
-    def add(self, x_tilde, x=None):
-        _Recording.calls.append((self.columns, x_tilde.detach().clone(), None if x is None else x.detach().clone()))
-        super().add(x_tilde, x)
-
-
 def _run(model, batches, method, monkeypatch, **kw):
-    _Recording.calls = []
-    monkeypatch.setattr(driver, "HessianAccumulator", _Recording)
+    """The driver with the production accumulator, each of its `add` calls recorded (columns, x~, x)."""
+    calls = []
+
+    def recording_add(self, x_tilde, x=None):
+        calls.append((self.columns, x_tilde.detach().clone(), None if x is None else x.detach().clone()))
+        _ADD(self, x_tilde, x)
+
+    monkeypatch.setattr(HessianAccumulator, "add", recording_add)
     inputs = llm.capture_layer_inputs(model, batches, "cpu")
-    cfg = WeightQuantConfig(method=method, bits=4, **kw)
+    cfg = SolverConfig(method=method, bits=4, **kw)
     recs = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups, cfg,
                            prepare_block=llm.make_prepare_layer(llm.ActQuantSettings(bits=4)), device="cpu")
-    return recs, list(_Recording.calls)
+    return recs, calls
 
 
 def _fp_layer_inputs(path, batches):
     """Inputs of self_attn.k_proj in each layer of the rotated, unquantized model (the FP stream X)."""
-    from common.rotation import quarot_rotate
+    from common.models.rotation import quarot_rotate
 
     model = llm.load_model(str(path), "float32")
     quarot_rotate(model, seed=0)
@@ -111,9 +111,9 @@ def test_quant_order_switches_activation_quantizers_during_calibration(llama_dir
     assert torch.allclose(gptq_a[0][1], gptaq_auto[0][1], atol=1e-6)  # same quantized X~ of layer 0
     assert not torch.allclose(gptq_a[0][1], fp[0][0], atol=1e-3)
     assert torch.allclose(gptaq_w[0][1], fp[0][0], atol=1e-5) and torch.allclose(gptaq_w[0][2], fp[0][0], atol=1e-5)
-    assert WeightQuantConfig(method="gptaq").acts_during_capture and not WeightQuantConfig().acts_during_capture
+    assert SolverConfig(method="gptaq").acts_during_capture and not SolverConfig().acts_during_capture
     with pytest.raises(ValueError, match="quant_order"):
-        WeightQuantConfig(quant_order="first")
+        SolverConfig(quant_order="first")
 
 
 @pytest.mark.parametrize("method", ["gptq", "gptaq", "rtn"])
@@ -122,7 +122,7 @@ def test_every_decoder_linear_wrapped_and_quantized(llama_dir, monkeypatch, meth
     before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
     if method == "rtn":
         recs = quantize_blocks(llm.decoder_layers(model), [], None, llm.sublayer_groups,
-                               WeightQuantConfig(method="rtn", bits=4),
+                               SolverConfig(method="rtn", bits=4),
                                prepare_block=llm.make_prepare_layer(llm.ActQuantSettings(bits=4)))
         assert all("loss" not in r for r in recs)
     else:
@@ -166,7 +166,7 @@ def test_generic_blocks_and_offload(offload):
             w.quantizer = ActQuantizer(bits=6)
 
     recs = quantize_blocks(blocks, inputs, lambda b, x: b(x, 0.5), lambda b: [["fc1"], ["fc2"]],
-                           WeightQuantConfig(method="gptaq", bits=3, group_size=8, act_order=True),
+                           SolverConfig(method="gptaq", bits=3, group_size=8, act_order=True),
                            prepare_block=prepare, offload_inputs=offload, desc="toy")
     assert [(r["block"], r["name"]) for r in recs] == [(0, "fc1"), (0, "fc2"), (1, "fc1"), (1, "fc2")]
     assert all(r["tokens"] == 2 * 3 * 5 and "asym_loss" in r for r in recs)
@@ -177,14 +177,14 @@ def test_generic_blocks_and_offload(offload):
 def test_no_weight_quantization_only_prepares():
     blocks = [ToyBlock()]
     w = blocks[0].fc1.weight.detach().clone()
-    recs = quantize_blocks(blocks, [], None, lambda b: [["fc1"], ["fc2"]], WeightQuantConfig(method="none"),
+    recs = quantize_blocks(blocks, [], None, lambda b: [["fc1"], ["fc2"]], SolverConfig(method="none"),
                            prepare_block=wrap_linears)
     assert recs == [] and isinstance(blocks[0].fc1, ActQuantLinear) and torch.equal(blocks[0].fc1.weight, w)
 
 
 def test_bad_config_and_missing_data():
     with pytest.raises(ValueError, match="method"):
-        WeightQuantConfig(method="awq")
+        SolverConfig(method="awq")
     with pytest.raises(ValueError, match="calibration inputs"):
         quantize_blocks([ToyBlock()], [], lambda b, x: b(x, 1.0), lambda b: [["fc1"]],
-                        WeightQuantConfig(method="gptq", bits=4))
+                        SolverConfig(method="gptq", bits=4))

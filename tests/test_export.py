@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import llm
-from common.export import ExportError, GPTQCollector, check_export_config, export_gptq, pack_codes, pack_linear
-from common.solvers import gptq_quantize, gptaq_quantize, rtn_quantize
+from common.models import llm
+from common.io.export import ExportError, GPTQCollector, check_export_config, export_gptq, pack_codes, pack_linear
+from common.solver import SolverConfig, gptaq_quantize, gptq_quantize, rtn_quantize
 
 
 def unpack_bits(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_export_directory_layout(tmp_path):
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             results[name] = rtn_quantize(mod.weight.data, bits=4, group_size=32, sym=True, scale_dtype=torch.float16)
-    out = export_gptq(model, results, tmp_path / "q", bits=4, group_size=32, sym=True, desc_act=False,
+    out = export_gptq(model, results, tmp_path / "q", SolverConfig(method="rtn", bits=4, group_size=32, sym=True),
                       tokenizer=tok)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["group_size"] == 32
@@ -139,7 +139,7 @@ def test_export_unwraps_fake_quant_model_and_drops_tied_head(tmp_path):
 
     model, collector = _tiny_wrapped(tmp_path, tie_word_embeddings=True)
     assert set(collector.packed) == {f"model.layers.{i}.{n}" for i in range(2) for g in llm.LAYER_GROUPS for n in g}
-    out = export_gptq(model, collector.packed, tmp_path / "q", bits=4, group_size=32, sym=True, desc_act=False)
+    out = export_gptq(model, collector.packed, tmp_path / "q", SolverConfig(bits=4, group_size=32, sym=True))
     sd = load_file(str(out / "model.safetensors"))
     assert not [k for k in sd if ".linear." in k] and "lm_head.weight" not in sd
     assert sd["model.layers.1.self_attn.k_proj.qweight"].shape == (64 * 4 // 32, 32)
@@ -154,11 +154,11 @@ def test_export_unwraps_fake_quant_model_and_drops_tied_head(tmp_path):
 def test_export_refusals(tmp_path):
     from transformers import LlamaConfig
 
-    from common.kv_quant import KVQuantConfig, add_kv_quantization
-    from common.rotation import install_online_hadamards
+    from common.models.kv_quant import KVQuantConfig, add_kv_quantization
+    from common.models.rotation import install_online_hadamards
 
     model, collector = _tiny_wrapped(tmp_path)
-    kw = dict(bits=4, group_size=32, sym=True, desc_act=False)
+    kw = dict(cfg=SolverConfig(bits=4, group_size=32, sym=True))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="not empty"):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import llm
-from common.data import get_eval_data
-from common.perplexity import perplexity
+from common.models import llm
+from common.data.text import get_eval_data
+from common.eval.perplexity import perplexity
 from fixtures import make_tiny_causal_lm, tiny_config, write_text
 from test_export import dequantize_checkpoint
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import llm
+from common.models import llm
 from fixtures import make_tiny_causal_lm, write_text
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.hadamard import (OnlineHadamard, hadamard_factors, hadamard_matrix, hadamard_transform,
+from common.models.hadamard import (OnlineHadamard, hadamard_factors, hadamard_matrix, hadamard_transform,
                              is_exact_hadamard, random_hadamard_matrix, random_orthogonal_matrix)
 
 MODEL_SIZES = [64, 128, 576, 896, 1536, 2048, 3072, 3584, 4096, 4864, 5120, 8192, 8960, 11008, 13824, 14336,

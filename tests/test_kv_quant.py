@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.act_quant import ActQuantizer
-from common.kv_quant import KVQuantConfig, add_kv_quantization, kv_quantizers, remove_kv_quantization
+from common.quant.act_quant import ActQuantizer
+from common.models.kv_quant import KVQuantConfig, add_kv_quantization, kv_quantizers, remove_kv_quantization
 from fixtures import make_tiny_causal_lm
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]

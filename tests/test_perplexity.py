@@ -1,11 +1,11 @@
-"""common.perplexity: equals exp(mean CE) computed by hand; the layer-by-layer path equals the plain one."""
+"""common.eval.perplexity: equals exp(mean CE) computed by hand; the layer-by-layer path equals the plain one."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common.perplexity import perplexity
+from common.eval.perplexity import perplexity
 from fixtures import make_tiny_causal_lm
 
 
@@ -43,7 +43,7 @@ def test_bad_windows(model):
         perplexity(model, torch.zeros(2, 8), device="cpu")
 
 
-# --- lm-eval adapter (common.lm_eval_runner): argument checks and a custom task over a local jsonl file ---
+# --- lm-eval adapter (common.eval.lm_eval_runner): argument checks and a custom task over a local jsonl file ---
 
 MC_ROWS = [{"question": "The model layer", "choices": ["weight is quantized.", "zebra banana."], "answer": 0},
            {"question": "The hessian", "choices": ["matrix inverse.", "purple sky."], "answer": 1},
@@ -67,7 +67,7 @@ def _local_task(model, tmp_path, task: str, rows: list[dict], spec: str):
 
 
 def test_lm_eval_bad_arguments(model):
-    from common.lm_eval_runner import run_lm_eval
+    from common.eval.lm_eval_runner import run_lm_eval
     with pytest.raises(ValueError, match="batch_size"):
         run_lm_eval(model, None, ["piqa"], 0, "cpu")
     with pytest.raises(ValueError, match="tasks"):
@@ -77,7 +77,7 @@ def test_lm_eval_bad_arguments(model):
 
 
 def test_lm_eval_local_task_matches_hand_computation(model, tmp_path):
-    from common.lm_eval_runner import run_lm_eval
+    from common.eval.lm_eval_runner import run_lm_eval
     tok = _local_task(
         model, tmp_path, "tiny_local_mc", MC_ROWS,
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
@@ -100,7 +100,7 @@ def test_lm_eval_local_task_matches_hand_computation(model, tmp_path):
 
 
 def test_lm_eval_summary_of_generation_and_choice_tasks():
-    from common.lm_eval_runner import _summarize, task_score
+    from common.eval.lm_eval_runner import _summarize, task_score
     results = {"arc_challenge": {"acc,none": 0.40, "acc_norm,none": 0.45, "alias": "arc_challenge"},
                "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A",
                          "exact_match,flexible-extract": 0.30, "alias": "gsm8k"}}
@@ -119,7 +119,7 @@ GEN_ROWS = [{"question": "one plus one", "answer": "2"}, {"question": "two plus 
 def test_lm_eval_few_shot_generation_task_with_chat_template(model, tmp_path):
     """A GSM8K-like generate_until task over a local file, 1-shot, prompts through a chat template: the runner
     runs end to end and returns exact_match for both answer filters, the strict one as the headline."""
-    from common.lm_eval_runner import run_lm_eval
+    from common.eval.lm_eval_runner import run_lm_eval
     tok = _local_task(
         model, tmp_path, "tiny_local_gen", GEN_ROWS,
         "fewshot_split: test\noutput_type: generate_until\n"

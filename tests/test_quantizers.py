@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.act_quant import ActQuantizer, ActQuantLinear, set_act_quant, wrap_linears
-from common.grid import fake_quantize, grid_params
-from common.quantizer import fit_grid
+from common.quant.act_quant import ActQuantizer, ActQuantLinear, set_act_quant, wrap_linears
+from common.quant.grid import fake_quantize, grid_params
+from common.quant.weight_grid import fit_grid
 
 
 def test_asymmetric_grid_convention():

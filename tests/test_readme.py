@@ -18,7 +18,7 @@ def _parser(relpath: str) -> argparse.ArgumentParser:
     return module.build_parser()
 
 
-@pytest.mark.parametrize("relpath", ["fake_quant/args.py", "vit_quant/args.py", "spinquant/optimize_rotation.py",
+@pytest.mark.parametrize("relpath", ["common/cli/llm.py", "common/cli/vit.py", "spinquant/optimize_rotation.py",
                                      "spinquant/main.py", "fake_quant/quickstart.py", "vit_quant/quickstart.py"])
 def test_every_flag_is_documented(relpath):
     flags = [o for a in _parser(relpath)._actions if a.help != argparse.SUPPRESS for o in a.option_strings

@@ -1,4 +1,4 @@
-"""common.report on synthetic results.json files of the three front ends: table, CSV, paper comparison, plots."""
+"""common.io.report on synthetic results.json files of the three front ends: table, CSV, paper comparison, plots."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common import report
+from common.io import report
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import llm
-from common.resume import differences
+from common.models import llm
+from common.pipeline.resume import differences
 from fixtures import make_tiny_causal_lm, write_text
 from test_distributed import one_thread  # noqa: F401 - autouse: one thread, as in the killed subprocess
 
@@ -28,7 +28,7 @@ from fake_quant.main import main  # noqa: E402
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from common import resume
+from common.pipeline import resume
 where, at = sys.argv[2], int(sys.argv[3])
 commit, write_json = resume.ResumeState.commit, resume.write_json
 def die():
@@ -108,19 +108,19 @@ def finished(env):
 
 def test_finished_run_resumes_without_quantizing(env, reference, finished, tmp_path, monkeypatch):
     """A second --resume of a finished run loads every layer from the checkpoint (no solve) and evaluates."""
-    from common import driver
+    from common import solver
 
     out, first = finished
     assert first["perplexity"] == reference[1]["perplexity"]
-    monkeypatch.setattr(driver, "_solve", lambda *a, **k: pytest.fail("a layer was solved again"))
+    monkeypatch.setattr(solver, "quantize_linear", lambda *a, **k: pytest.fail("a layer was solved again"))
     again = main(_argv(env, out, "--resume", "--save_qmodel_path", str(tmp_path / "q2")))
     assert again["perplexity"] == first["perplexity"]
     assert again["layers"] == first["layers"]
 
 
 @pytest.mark.parametrize("extra, names", [
-    (["--w_bits", "3"], "w_bits: saved 4, now 3"),
-    (["--rotation_seed", "4"], "rotation_seed: saved 3, now 4"),
+    (["--w_bits", "3"], "solver.bits: saved 4, now 3"),
+    (["--rotation_seed", "4"], "rotation.seed: saved 3, now 4"),
     (["--nsamples", "6"], "nsamples: saved 4, now 6"),
     (["--seed", "1"], "calibration_sha256"),
 ])
@@ -149,9 +149,10 @@ class _Toy(torch.nn.Module):
 def test_driver_replays_saved_results_for_an_export(tmp_path):
     """quantize_blocks(resume=...) on generic blocks: after an interruption the finished blocks' QuantResults
     (codes, scales, ...) reach on_quantized again, equal to an uninterrupted run's."""
-    from common.act_quant import ActQuantizer, wrap_linears
-    from common.driver import WeightQuantConfig, quantize_blocks
-    from common.resume import ResumeState
+    from common.quant.act_quant import ActQuantizer, wrap_linears
+    from common.pipeline.driver import quantize_blocks
+    from common.solver import SolverConfig
+    from common.pipeline.resume import ResumeState
 
     def prepare(block):
         for w in wrap_linears(block).values():
@@ -168,7 +169,7 @@ def test_driver_replays_saved_results_for_an_export(tmp_path):
                 raise KeyboardInterrupt
             got[(i, name)] = res
 
-        cfg = WeightQuantConfig(method="gptaq", bits=3, group_size=8, act_order=True)
+        cfg = SolverConfig(method="gptaq", bits=3, group_size=8, act_order=True)
         recs = quantize_blocks(blocks, inputs, lambda b, x: b(x), lambda b: [["fc1"], ["fc2"]], cfg,
                                prepare_block=prepare, on_quantized=on_quantized, resume=resume)
         return blocks, recs, got

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from common.act_quant import ActQuantLinear
-from common.hadamard import OnlineHadamard, random_hadamard_matrix, random_orthogonal_matrix
-from common.rotation import (SUPPORTED_ARCHITECTURES, fuse_norms, install_online_hadamards, quarot_rotate,
+from common.quant.act_quant import ActQuantLinear
+from common.models.hadamard import OnlineHadamard, random_hadamard_matrix, random_orthogonal_matrix
+from common.models.rotation import (SUPPORTED_ARCHITECTURES, fuse_norms, install_online_hadamards, quarot_rotate,
                              rotate_model)
 from fixtures import make_tiny_causal_lm
 

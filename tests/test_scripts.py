@@ -27,13 +27,13 @@ def _run(script: Path, *args: str, env: dict | None = None) -> subprocess.Comple
 
 def _parser(script: str):
     if script == "fake_quant/main.py":
-        from fake_quant.args import build_parser
+        from common.cli.llm import build_parser
     elif script == "spinquant/main.py":
         from spinquant.main import build_parser
     elif script == "spinquant/optimize_rotation.py":
         from spinquant.optimize_rotation import build_parser
     elif script == "vit_quant/main.py":
-        from vit_quant.args import build_parser
+        from common.cli.vit import build_parser
     else:
         raise AssertionError(f"unexpected command {script}")
     return build_parser()
@@ -81,7 +81,7 @@ def test_dry_run_prints_valid_commands(script, how, tmp_path):
         dirs.add(out_dir)
     assert len(dirs) == len(runs), "two runs share an output folder"
     last = shlex.split(r.stdout.strip().splitlines()[-1])
-    assert last[:3] == [FAKE, "-m", "common.report"] and last[3].startswith(str(out) + "/")
+    assert last[:3] == [FAKE, "-m", "common.io.report"] and last[3].startswith(str(out) + "/")
 
 
 def test_quarot_table_loops(tmp_path):
@@ -103,7 +103,7 @@ def test_bad_arguments(tmp_path):
 
 
 STAND_IN = """#!/usr/bin/env bash
-# stand-in interpreter: `-m common.report` goes to the real python, a main.py call writes a results.json
+# stand-in interpreter: `-m common.io.report` goes to the real python, a main.py call writes a results.json
 if [[ $1 == -m ]]; then exec {python} "$@"; fi
 out=; prev=
 for a in "$@"; do [[ $prev == --output_dir ]] && out=$a; prev=$a; done

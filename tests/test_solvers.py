@@ -1,8 +1,12 @@
-"""GPTQ / GPTAQ solvers against independent float64 references written here, plus the properties they must have.
+"""The published loops (common/solver/reference.py) against independent float64 references written here, the public
+API, and the properties the solvers must have.
 
 The GPTQ reference uses the OBS form (explicit H^-1 and its rank-1 downdate after each column), not the Cholesky
 trick; the GPTAQ reference applies the published P-form updates column by column without lazy batching, with the
-cross-block rule made explicit.  Inputs are random and correlated with a few large-magnitude channels.
+cross-block rule made explicit.  Both fit a group's grid on the group's columns as they stand when its lazy block
+starts (the published rule, group_fit "block_start") or as updated by every earlier column ("updated").  Grids are
+fitted in float32, as the solvers' fit_grid does, and used in float64.  Inputs are random and correlated with a few
+large-magnitude channels.  The fast backends are checked against reference.py in test_solver_backends.py.
 """
 import logging
 import math
@@ -10,16 +14,16 @@ import math
 import pytest
 import torch
 
-from common.hessian import HessianAccumulator
-from common.solvers import (SolverError, babai_bound, gptaq, gptaq_quantize, gptq, gptq_quantize, proxy_loss, rtn,
-                            rtn_quantize)
+from common.pipeline.hessian import HessianAccumulator
+from common.solver import (ConfigError, SolverConfig, SolverError, babai_bound, gptaq, gptaq_quantize, gptq,
+                           gptq_quantize, proxy_loss, quantize_linear, rtn, rtn_quantize)
 
 
 # ------------------------------------------------------------------------------------- independent references
 
 def ref_grid(x, bits, sym, mse):
-    """float64 per-row grid: returns (scale, zero) [rows, 1] following the documented conventions."""
-    x = x.double()
+    """Per-row grid (scale, zero) [rows, 1] following the documented conventions, fitted in float32."""
+    x = x.float()
     lo = x.min(1, keepdim=True).values.clamp(max=0)
     hi = x.max(1, keepdim=True).values.clamp(min=0)
 
@@ -46,7 +50,7 @@ def ref_grid(x, bits, sym, mse):
                 take = err < best
                 best = torch.where(take, err, best)
                 scale, zero = torch.where(take, s, scale), torch.where(take, z, zero)
-    return scale, zero
+    return scale.double(), zero.double()
 
 
 def ref_fq(x, s, z, bits):
@@ -71,31 +75,49 @@ def ref_prepare(W, H, dXXT, percdamp):
     return W, H, Hd, dXXT
 
 
-def ref_grids_for(Wcur, j, bits, sym, mse, gs, static, perm, static_grids, current):
-    if gs == -1:
-        return current
-    if static_grids is not None:
-        return static_grids[int(perm[j]) // gs]
-    if j % gs == 0:
-        return ref_grid(Wcur[:, j:j + gs], bits, sym, mse)
-    return current
+def ref_lazy(blocksize, gs):
+    """Lazy blocks: blocksize made a multiple of the group size (at least one group)."""
+    return blocksize if gs == -1 else max(1, blocksize // gs) * gs
 
 
-def ref_gptq(W, H, *, bits, sym=False, mse=False, gs=-1, act_order=False, static=False, percdamp=0.01,
-             order="forward"):
-    """OBS-form GPTQ in float64: explicit inverse Hessian and its downdate."""
+class RefGrids:
+    """The grid of each column j (processing order): per channel, static groups, or a group's grid fitted at its
+    first column on the block-start snapshot (group_fit "block_start") or the current weights ("updated")."""
+
+    def __init__(self, W, perm, *, bits, sym, mse, gs, static, group_fit, lazy):
+        self.bits, self.sym, self.mse, self.gs, self.perm = bits, sym, mse, gs, perm
+        self.group_fit, self.lazy = group_fit, lazy
+        self.static = None
+        if static and gs != -1:
+            Wo = W[:, torch.argsort(perm)]
+            self.static = [ref_grid(Wo[:, g:g + gs], bits, sym, mse) for g in range(0, W.shape[1], gs)]
+        self.current = ref_grid(W, bits, sym, mse) if gs == -1 else None
+        self.start = None
+
+    def at(self, W, j):
+        if j % self.lazy == 0:
+            self.start = W.clone()  # the weights as block j // lazy starts
+        if self.gs == -1:
+            return self.current
+        if self.static is not None:
+            return self.static[int(self.perm[j]) // self.gs]
+        if j % self.gs == 0:
+            src = self.start if self.group_fit == "block_start" else W
+            self.current = ref_grid(src[:, j:j + self.gs], self.bits, self.sym, self.mse)
+        return self.current
+
+
+def ref_gptq(W, H, *, bits, blocksize, sym=False, mse=False, gs=-1, act_order=False, static=False, percdamp=0.01,
+             order="forward", group_fit="block_start"):
+    """OBS-form GPTQ in float64: explicit inverse Hessian and its downdate (bits 16: no rounding)."""
     W, H, Hd, _ = ref_prepare(W, H, None, percdamp)
-    static_grids = None
-    if static and gs != -1:
-        static_grids = [ref_grid(W[:, g:g + gs], bits, sym, mse) for g in range(0, W.shape[1], gs)]
     perm = ref_order(H, act_order, order)
     W, Hd = W[:, perm], Hd[perm][:, perm]
     Hinv = torch.linalg.inv(Hd)
-    grid = ref_grid(W, bits, sym, mse) if gs == -1 else None
-    n = W.shape[1]
-    for j in range(n):
-        grid = ref_grids_for(W, j, bits, sym, mse, gs, static, perm, static_grids, grid)
-        q = ref_fq(W[:, j:j + 1], *grid, bits).flatten()
+    grids = RefGrids(W, perm, bits=bits, sym=sym, mse=mse, gs=gs, static=static, group_fit=group_fit,
+                     lazy=ref_lazy(blocksize, gs)) if bits < 16 else None
+    for j in range(W.shape[1]):
+        q = ref_fq(W[:, j], *(g.flatten() for g in grids.at(W, j)), bits) if grids else W[:, j].clone()
         err = (W[:, j] - q) / Hinv[j, j]
         W[:, j + 1:] -= torch.outer(err, Hinv[j, j + 1:])
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
@@ -104,25 +126,23 @@ def ref_gptq(W, H, *, bits, sym=False, mse=False, gs=-1, act_order=False, static
 
 
 def ref_gptaq_pform(W, H, dXXT, *, alpha, bits, blocksize, sym=False, mse=False, gs=-1, act_order=False,
-                    static=False, percdamp=0.01, feedback=True):
+                    static=False, percdamp=0.01, order="forward", group_fit="block_start", feedback=True):
     """Published P form, unlazy: in-block updates use the column before rounding, later blocks get its rounded value.
     feedback=False drops GPTQ's error term (the "P term only" ablation)."""
     W, H, Hd, dXXT = ref_prepare(W, H, dXXT, percdamp)
-    static_grids = None
-    if static and gs != -1:
-        static_grids = [ref_grid(W[:, g:g + gs], bits, sym, mse) for g in range(0, W.shape[1], gs)]
-    perm = ref_order(H, act_order, "forward")
+    perm = ref_order(H, act_order, order)
     W, Hd, dXXT = W[:, perm], Hd[perm][:, perm], dXXT[perm][:, perm]
     U = torch.linalg.cholesky(torch.linalg.inv(Hd)).T  # upper, H^-1 = U^T U
     P = alpha * torch.triu(dXXT @ U.T, diagonal=1) @ U
-    grid = ref_grid(W, bits, sym, mse) if gs == -1 else None
+    lazy = ref_lazy(blocksize, gs)
+    grids = RefGrids(W, perm, bits=bits, sym=sym, mse=mse, gs=gs, static=static, group_fit=group_fit,
+                     lazy=lazy) if bits < 16 else None
     n = W.shape[1]
     for j in range(n):
-        grid = ref_grids_for(W, j, bits, sym, mse, gs, static, perm, static_grids, grid)
         w = W[:, j].clone()
-        q = ref_fq(W[:, j:j + 1], *grid, bits).flatten()
+        q = ref_fq(w, *(g.flatten() for g in grids.at(W, j)), bits) if grids else w.clone()
         err = (w - q) / U[j, j]
-        end = min((j // blocksize + 1) * blocksize, n)
+        end = min((j // lazy + 1) * lazy, n)
         if feedback:
             W[:, j + 1:] -= torch.outer(err, U[j, j + 1:])
         W[:, j + 1:end] += torch.outer(w, P[j, j + 1:end])
@@ -162,6 +182,10 @@ def agreement(Q, Qref):
     return float(((Q - Qref).abs() <= tol).double().mean())
 
 
+def rel_err(Q, Qref):
+    return float((Q.double() - Qref.double()).norm() / Qref.double().norm())
+
+
 def obj(W, Q, Xt):
     return float(((Q.double() - W.double()) @ Xt).pow(2).sum())
 
@@ -170,75 +194,98 @@ def asym_obj(W, Q, X, Xt):
     return float((Q.double() @ Xt - W.double() @ X).pow(2).sum())
 
 
+# grid settings; bs is the blocksize (groups of 16 in blocks of 32 or 48: the block-start rule matters; groups of 32
+# in blocks of 16: lazy blocks of one group)
 CONFIGS = [
     dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=4, sym=True), dict(bits=3, mse=True),
     dict(bits=4, gs=16), dict(bits=3, gs=16, act_order=True), dict(bits=4, gs=16, act_order=True, static=True),
     dict(bits=2, sym=True, act_order=True), dict(bits=4, gs=32, mse=True, act_order=True),
+    dict(bits=3, gs=16, bs=48, mse=True), dict(bits=4, gs=32, bs=16), dict(bits=8, gs=16, order="reverse"),
+    dict(bits=16),
 ]
+
+
+def cfg_id(c):
+    return "-".join(f"{k}{v}" for k, v in c.items())
 
 
 def solver_kwargs(c):
     return dict(bits=c["bits"], sym=c.get("sym", False), mse=c.get("mse", False), group_size=c.get("gs", -1),
-                act_order=c.get("act_order", False), static_groups=c.get("static", False))
+                act_order=c.get("act_order", False), static_groups=c.get("static", False), blocksize=c.get("bs", 32),
+                order=c.get("order", "forward"))
 
 
 def ref_kwargs(c):
     return dict(bits=c["bits"], sym=c.get("sym", False), mse=c.get("mse", False), gs=c.get("gs", -1),
-                act_order=c.get("act_order", False), static=c.get("static", False))
+                act_order=c.get("act_order", False), static=c.get("static", False), blocksize=c.get("bs", 32),
+                order=c.get("order", "forward"))
 
 
-# ------------------------------------------------------------------------------------------------- tests
+def f64(*ts):
+    return [t.double() for t in ts]
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gptq_matches_float64_reference(cfg):
+
+# ------------------------------------------------------------------- reference.py vs the independent references
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_reference_gptq_matches_independent_float64(cfg):
     W, H, _, _, _ = make_problem(1)
-    Q = gptq(W, H, blocksize=16, **solver_kwargs(cfg))
+    want = ref_gptq(W, H, **ref_kwargs(cfg))
+    Q = gptq(*f64(W, H), backend="reference", **solver_kwargs(cfg))
     assert Q.dtype == torch.float32 and Q.shape == W.shape
-    assert agreement(Q, ref_gptq(W, H, **ref_kwargs(cfg))) >= 0.99
+    assert rel_err(Q, want) < 1e-6  # every code equal; float32 output
+    assert agreement(gptq(W, H, backend="reference", **solver_kwargs(cfg)), want) >= 0.99  # float32 solve
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gptaq_pform_matches_float64_reference(cfg):
+@pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
+def test_reference_gptaq_pform_matches_independent_float64(cfg):
     W, H, dXXT, _, _ = make_problem(2)
-    Q = gptaq(W, H, dXXT, alpha=0.25, blocksize=32, **solver_kwargs(cfg))
-    bs = 32 if cfg.get("gs", -1) == -1 else max(1, 32 // cfg["gs"]) * cfg["gs"]
-    ref = ref_gptaq_pform(W, H, dXXT, alpha=0.25, blocksize=bs, **ref_kwargs(cfg))
-    assert agreement(Q, ref) >= 0.99
+    want = ref_gptaq_pform(W, H, dXXT, alpha=0.25, **ref_kwargs(cfg))
+    assert rel_err(gptaq(*f64(W, H, dXXT), alpha=0.25, backend="reference", **solver_kwargs(cfg)), want) < 1e-6
+    assert agreement(gptaq(W, H, dXXT, alpha=0.25, backend="reference", **solver_kwargs(cfg)), want) >= 0.99
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[6:8], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gptaq_p_term_only_matches_float64_reference(cfg):
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[6:8] + CONFIGS[10:11], ids=cfg_id)
+def test_reference_p_term_only_matches_independent_float64(cfg):
     W, H, dXXT, _, _ = make_problem(4)
-    Q = gptaq(W, H, dXXT, alpha=0.5, p_term_only=True, blocksize=32, **solver_kwargs(cfg))
-    bs = 32 if cfg.get("gs", -1) == -1 else max(1, 32 // cfg["gs"]) * cfg["gs"]
-    ref = ref_gptaq_pform(W, H, dXXT, alpha=0.5, blocksize=bs, feedback=False, **ref_kwargs(cfg))
-    assert agreement(Q, ref) >= 0.99
-    assert agreement(Q, gptaq(W, H, dXXT, alpha=0.5, blocksize=32, **solver_kwargs(cfg))) < 0.9  # feedback matters
+    kw = dict(alpha=0.5, backend="reference", **solver_kwargs(cfg))
+    Q = gptaq(*f64(W, H, dXXT), variant="p_term_only", **kw)
+    assert rel_err(Q, ref_gptaq_pform(W, H, dXXT, alpha=0.5, feedback=False, **ref_kwargs(cfg))) < 1e-6
+    assert agreement(Q, gptaq(*f64(W, H, dXXT), **kw)) < 0.9  # the error feedback matters
 
 
-def test_gptaq_p_term_only_without_p_is_rtn():
-    """alpha = 0 leaves no update at all: every column rounds on its own grid, as RTN does."""
-    W, H, dXXT, _, _ = make_problem(5)
-    for kw in (dict(bits=4), dict(bits=3, sym=True, mse=True), dict(bits=4, group_size=16)):
-        Q = gptaq(W, H, dXXT, alpha=0.0, p_term_only=True, static_groups=kw.get("group_size", -1) > 0, **kw)
-        assert torch.allclose(Q, rtn(W, **kw), rtol=0, atol=1e-6)
-    with pytest.raises(SolverError, match="p_term_only"):
-        gptaq(W, H, dXXT, exact=True, p_term_only=True, bits=4)
-
-
-@pytest.mark.parametrize("cfg", CONFIGS[:6], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gptaq_exact_matches_float64_reference(cfg):
+@pytest.mark.parametrize("cfg", CONFIGS[:6] + CONFIGS[10:], ids=cfg_id)
+def test_reference_exact_matches_independent_float64(cfg):
     W, H, dXXT, _, _ = make_problem(3)
-    Q = gptaq(W, H, dXXT, alpha=0.5, exact=True, **solver_kwargs(cfg))
-    V = ref_exact_target(W, H, dXXT, 0.5, 0.01)
-    assert agreement(Q, ref_gptq(V, H, **ref_kwargs(cfg))) >= 0.99
+    Q = gptaq(*f64(W, H, dXXT), alpha=0.5, variant="exact", backend="reference", **solver_kwargs(cfg))
+    assert rel_err(Q, ref_gptq(ref_exact_target(W, H, dXXT, 0.5, 0.01), H, **ref_kwargs(cfg))) < 1e-6
 
 
-def test_reverse_order_matches_reference():
-    W, H, _, _, _ = make_problem(4)
-    Q = gptq(W, H, bits=3, order="reverse", act_order=True)
-    assert agreement(Q, ref_gptq(W, H, bits=3, act_order=True, order="reverse")) >= 0.99
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_reference_reverse_order_and_updated_rule_match_independent_float64(method):
+    """Babai's order (reverse) with act-order, and group_fit "updated" (groups of 16 in blocks of 48)."""
+    W, H, dXXT, _, _ = make_problem(4)
+    for kw, ref_kw in ((dict(order="reverse", act_order=True, bits=3), dict(order="reverse", act_order=True, bits=3)),
+                       (dict(group_fit="updated", group_size=16, bits=3), dict(group_fit="updated", gs=16, bits=3))):
+        if method == "gptq":
+            Q, want = gptq(*f64(W, H), blocksize=48, backend="reference", **kw), ref_gptq(W, H, blocksize=48, **ref_kw)
+        else:
+            Q = gptaq(*f64(W, H, dXXT), alpha=0.5, blocksize=48, backend="reference", **kw)
+            want = ref_gptaq_pform(W, H, dXXT, alpha=0.5, blocksize=48, **ref_kw)
+        assert rel_err(Q, want) < 1e-6
 
+
+def test_group_fit_rules_differ_when_groups_are_smaller_than_the_block():
+    """Groups of 16 in blocks of 64: the published rule fits later groups without the block's in-block updates."""
+    W, H, dXXT, _, _ = make_problem(6)
+    kw = dict(bits=3, group_size=16, blocksize=64, backend="reference")
+    for solve in (lambda **k: gptq(W, H, **k), lambda **k: gptaq(W, H, dXXT, **k)):
+        assert agreement(solve(**kw), solve(group_fit="updated", **kw)) < 0.95
+        # one group per block: both rules fit the same weights
+        assert torch.equal(solve(**dict(kw, blocksize=16)), solve(group_fit="updated", **dict(kw, blocksize=16)))
+
+
+# ------------------------------------------------------------------------------------------------- properties
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [False, True])
@@ -254,16 +301,27 @@ def test_gptq_beats_rtn(bits, sym):
 def test_gptaq_beats_gptq_on_asymmetric_objective(seed, bits):
     W, H, dXXT, X, Xt = make_problem(seed)
     g = asym_obj(W, gptq(W, H, bits=bits), X, Xt)
-    assert asym_obj(W, gptaq(W, H, dXXT, exact=True, alpha=1.0, bits=bits), X, Xt) < g
+    assert asym_obj(W, gptaq(W, H, dXXT, variant="exact", alpha=1.0, bits=bits), X, Xt) < g
     assert asym_obj(W, gptaq(W, H, dXXT, alpha=0.25, bits=bits), X, Xt) < g
+
+
+def test_gptaq_p_term_only_without_p_is_rtn():
+    """alpha = 0 leaves no update at all: every column rounds on its own grid, as RTN does."""
+    W, H, dXXT, _, _ = make_problem(5)
+    for kw in (dict(bits=4), dict(bits=3, sym=True, mse=True), dict(bits=4, group_size=16)):
+        for backend in ("torch", "reference"):
+            Q = gptaq(W, H, dXXT, alpha=0.0, variant="p_term_only", backend=backend, **kw)
+            assert torch.allclose(Q, rtn(W, **kw), rtol=0, atol=1e-6)
 
 
 def test_no_rounding_gptq_returns_w_and_exact_lands_on_least_squares_target():
     W, H, dXXT, X, Xt = make_problem(9)
-    assert torch.allclose(gptq(W, H, bits=16, percdamp=0.0), W, atol=1e-5)
     Vstar = W.double() @ X @ Xt.T @ torch.linalg.inv(Xt @ Xt.T)  # argmin_V ||V X~ - W X||
-    Q = gptaq(W, H, dXXT, bits=16, alpha=1.0, exact=True, percdamp=0.0)
-    assert float((Q.double() - Vstar).norm() / Vstar.norm()) < 1e-4
+    for backend in ("torch", "reference"):
+        assert torch.allclose(gptq(W, H, bits=16, percdamp=0.0, backend=backend), W, atol=1e-5)
+        Q = gptaq(W, H, dXXT, bits=16, alpha=1.0, variant="exact", percdamp=0.0, backend=backend)
+        assert rel_err(Q, Vstar) < 1e-4
+    assert torch.equal(rtn(W, bits=16), W)
 
 
 def test_quant_result_reconstructs_weight_and_codes_in_range():
@@ -272,7 +330,8 @@ def test_quant_result_reconstructs_weight_and_codes_in_range():
         gptq_quantize(W, H, bits=3, group_size=16, act_order=True),
         gptq_quantize(W, H, bits=4, group_size=16, act_order=True, static_groups=True),
         gptaq_quantize(W, H, dXXT, bits=2, group_size=32, sym=True),
-        gptaq_quantize(W, H, dXXT, bits=4, exact=True, act_order=True),
+        gptaq_quantize(W, H, dXXT, bits=4, variant="exact", act_order=True),
+        gptaq_quantize(W, H, dXXT, bits=3, group_size=16, act_order=True, backend="reference"),
         rtn_quantize(W, bits=3, group_size=16, mse=True),
     ]
     for r in results:
@@ -283,27 +342,31 @@ def test_quant_result_reconstructs_weight_and_codes_in_range():
         assert torch.equal(r.zeros, r.zeros.round())
     static = results[1]
     assert torch.equal(static.g_idx.long(), torch.arange(W.shape[1]) // 16)
-    dynamic = results[0]  # act-order groups follow the processing order
-    assert torch.equal(dynamic.g_idx.long()[dynamic.perm], torch.arange(W.shape[1]) // 16)
+    for dynamic in (results[0], results[4]):  # act-order groups follow the processing order
+        assert torch.equal(dynamic.g_idx.long()[dynamic.perm], torch.arange(W.shape[1]) // 16)
+    assert [r.info["backend"] for r in results] == ["torch"] * 4 + ["reference", "rtn"]
 
 
 def test_dead_inputs_are_zeroed():
     W, H, dXXT, _, _ = make_problem(11)
     H[7, :] = 0
     H[:, 7] = 0
-    for Q in (gptq(W, H, bits=4), gptaq(W, H, dXXT, bits=4), gptaq(W, H, dXXT, bits=4, exact=True)):
-        assert torch.all(Q[:, 7] == 0) and torch.isfinite(Q).all()
+    for backend in ("torch", "reference"):
+        for Q in (gptq(W, H, bits=4, backend=backend), gptaq(W, H, dXXT, bits=4, backend=backend),
+                  gptaq(W, H, dXXT, bits=4, variant="exact", backend=backend)):
+            assert torch.all(Q[:, 7] == 0) and torch.isfinite(Q).all()
 
 
 def test_babai_bound_holds_in_both_orders_without_clipping():
     W, H, _, _, _ = make_problem(12)
+    cfg = SolverConfig(method="gptq", act_order=True, percdamp=0.01)
     checked = 0
     for order in ("forward", "reverse"):
         for bits in (2, 4, 8):
-            r = gptq_quantize(W, H, bits=bits, order=order, act_order=True, percdamp=0.01)
+            r = gptq_quantize(W, H, cfg, bits=bits, order=order)
             D = (r.weight - W).double()
             row_loss = torch.sum((D @ H.double()) * D, dim=1)
-            bound = babai_bound(r, H, percdamp=0.01, per_row=True)
+            bound = babai_bound(r, H, cfg, per_row=True)
             clean = r.clipped == 0
             checked += int(clean.sum())
             assert torch.all(row_loss[clean] <= bound[clean] * (1 + 1e-5))
@@ -327,13 +390,13 @@ def test_hessian_accumulation_over_batches_equals_one_shot():
     acc = HessianAccumulator(24, asymmetric=True)
     for b in range(5):
         acc.add(Xt[b], X[b])
+    with pytest.raises(ValueError, match="24 features"):
+        acc.add(torch.randn(3, 25), torch.randn(3, 25))
     flat, flat_t = X.reshape(-1, 24).double(), Xt.reshape(-1, 24).double()
     n = flat.shape[0]
     assert acc.nsamples == n
     assert torch.allclose(acc.H.double(), 2 / n * flat_t.T @ flat_t, rtol=1e-5, atol=1e-5)
     assert torch.allclose(acc.dXXT.double(), 2 / n * (flat - flat_t).T @ flat_t, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="24 features"):
-        acc.add(torch.randn(3, 25))
 
 
 def test_rtn_matches_reference_grid():
@@ -344,13 +407,53 @@ def test_rtn_matches_reference_grid():
             assert agreement(rtn(W, bits=3, sym=sym, mse=mse), ref_fq(W.double(), s, z, 3)) == 1.0
 
 
+# ------------------------------------------------------------------------------------------------- the API
+
+def test_config_and_overrides_are_the_same_solve():
+    """quantize_linear(W, H, dXXT, cfg) is what gptaq_quantize(W, H, dXXT, **fields) runs; a cfg plus overrides
+    replaces just those fields; GPTQ ignores dXXT and RTN needs no statistics."""
+    W, H, dXXT, _, _ = make_problem(17)
+    cfg = SolverConfig(method="gptaq", bits=3, group_size=16, act_order=True).replace(alpha=0.5, form="p")
+    a = quantize_linear(W, H, dXXT, cfg, name="q_proj")
+    b = gptaq_quantize(W, H, dXXT, bits=3, group_size=16, act_order=True, alpha=0.5, form="p")
+    c = gptaq_quantize(W, H, dXXT, SolverConfig(bits=4, group_size=16, act_order=True), bits=3, alpha=0.5, form="p")
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.weight, c.weight)
+    g = SolverConfig(method="gptq", bits=3)
+    assert torch.equal(quantize_linear(W, H, dXXT, g).weight, quantize_linear(W, H, None, g).weight)
+    assert torch.equal(quantize_linear(W, None, None, g.replace(method="rtn")).weight, rtn(W, bits=3))
+    assert torch.equal(gptq(W, H, cfg, bits=3, group_size=16, act_order=True),  # gptq() forces method "gptq"
+                       gptq_quantize(W, H, bits=3, group_size=16, act_order=True).weight)
+
+
+def test_precision_setting_keeps_plain_products_on_cpu():
+    """GPTAQConfig.precision picks the precision of GPTAQ's extra products on CUDA; on the CPU every choice gives the
+    float32 solve, and an unknown value is a ConfigError."""
+    from common.solver.config import GPTAQ_PRECISIONS
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 32, generator=g)
+    X = torch.randn(32, 96, generator=g)
+    X[1] += 0.9 * X[0]
+    Xt = X + 0.1 * torch.randn(X.shape, generator=g)
+    H, dXXT = (2 / 96) * Xt @ Xt.T, (2 / 96) * (X - Xt) @ Xt.T
+    ref = gptaq(W, H, dXXT, bits=4)
+    for precision in GPTAQ_PRECISIONS:
+        assert torch.equal(gptaq(W, H, dXXT, bits=4, precision=precision), ref)
+    with pytest.raises(ConfigError, match="precision"):
+        gptaq(W, H, dXXT, bits=4, precision="bf16")
+    with pytest.raises(ConfigError, match="form"):
+        gptaq(W, H, dXXT, bits=4, form="q")
+
+
 def test_error_paths_name_layer_and_value(caplog):
     W, H, dXXT, _, _ = make_problem(16)
-    with pytest.raises(SolverError, match="q_proj.*bits"):
+    with pytest.raises(ConfigError, match="bits"):
         gptq(W, H, bits=1, name="q_proj")
-    with pytest.raises(SolverError, match="bits"):
+    with pytest.raises(ConfigError, match="bits"):
         gptaq(W, H, dXXT, bits=9)
-    with pytest.raises(SolverError, match="group_size 24 does not divide the 64"):
+    with pytest.raises(ConfigError, match="backend"):
+        gptq(W, H, bits=4, backend="cuda")
+    with pytest.raises(SolverError, match="mlp.down_proj: group_size 24 does not divide the 64"):
         gptq(W, H, bits=4, group_size=24, name="mlp.down_proj")
     bad = W.clone()
     bad[0, 0] = float("nan")
@@ -360,8 +463,9 @@ def test_error_paths_name_layer_and_value(caplog):
     badH[1, 2] = float("inf")
     with pytest.raises(SolverError, match="H has non-finite"):
         gptq(W, badH, bits=4)
-    with pytest.raises(SolverError, match="not positive definite"):
-        gptq(W, -torch.eye(64), bits=4, name="neg")
+    for backend in ("torch", "reference"):
+        with pytest.raises(SolverError, match="neg: Hessian is not positive definite"):
+            gptq(W, -torch.eye(64), bits=4, name="neg", backend=backend)
     # rank-deficient PSD Hessian without dampening: retried with growing dampening, and logged
     low_rank = torch.randn(64, 8)
     with caplog.at_level(logging.WARNING):
@@ -369,103 +473,11 @@ def test_error_paths_name_layer_and_value(caplog):
     assert torch.isfinite(Q).all() and "lowrank" in caplog.text
     with pytest.raises(SolverError, match=r"dXXT must be \[64, 64\]"):
         gptaq(W, H, dXXT[:10], bits=4)
-
-
-def test_capture_inputs_hooks_accumulate_symmetric_and_asymmetric():
-    from torch import nn
-
-    from common.hessian import capture_inputs
-
-    torch.manual_seed(0)
-    lin = nn.Linear(16, 8)
-    xs = [torch.randn(2, 5, 16) for _ in range(3)]
-    fp = [x + 0.1 * torch.randn_like(x) for x in xs]
-    with capture_inputs({"lin": lin}) as stats:
-        for x in xs:
-            lin(x)
-    flat = torch.cat([x.reshape(-1, 16) for x in xs]).double()
-    assert torch.allclose(stats["lin"].H.double(), 2 / flat.shape[0] * flat.T @ flat, atol=1e-5)
-    cap = capture_inputs({"lin": lin}, asymmetric=True)
-    cap.fp_inputs["lin"] = fp
-    with cap as stats:
-        for x in xs:
-            lin(x)
-    flat_fp = torch.cat([x.reshape(-1, 16) for x in fp]).double()
-    assert torch.allclose(stats["lin"].dXXT.double(), 2 / flat.shape[0] * (flat_fp - flat).T @ flat, atol=1e-5)
-    assert not lin._forward_hooks  # hooks removed on exit
-
-
-def test_asym_matmul_setting_is_checked_and_cpu_keeps_plain_products(monkeypatch):
-    """ASYM_MATMUL picks the precision of GPTAQ's extra products on CUDA; on the CPU every choice gives the float32
-    solve, and an unknown value is a SolverError."""
-    from common import solvers
-
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(8, 32, generator=g)
-    X = torch.randn(32, 96, generator=g)
-    X[1] += 0.9 * X[0]
-    Xt = X + 0.1 * torch.randn(X.shape, generator=g)
-    H, dXXT = (2 / 96) * Xt @ Xt.T, (2 / 96) * (X - Xt) @ Xt.T
-    ref = gptaq(W, H, dXXT, bits=4)
-    for mode in solvers.ASYM_MATMULS:
-        monkeypatch.setattr(solvers, "ASYM_MATMUL", mode)
-        assert torch.equal(gptaq(W, H, dXXT, bits=4), ref)
-    monkeypatch.setattr(solvers, "ASYM_MATMUL", "bf16")
-    with pytest.raises(SolverError, match="ASYM_MATMUL"):
-        gptaq(W, H, dXXT, bits=4)
-
-
-@pytest.mark.parametrize("cfg", CONFIGS + [dict(bits=16)], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gptaq_m_form_equals_p_form_in_float64(cfg, monkeypatch):
-    """The default M form (cross-block term folded into GPTQ's GEMM, P never formed) is the published P form
-    rearranged: in float64 both give the same weights to rounding error, for every grid, group and order setting."""
-    from common import solvers
-
-    W, H, dXXT, _, _ = make_problem(5, rows=24, cols=96)
-    kw = dict(alpha=0.5, blocksize=32, **solver_kwargs(cfg))
-    q_m = gptaq(W.double(), H.double(), dXXT.double(), **kw)
-    monkeypatch.setattr(solvers, "ASYM_FORM", "p")
-    q_p = gptaq(W.double(), H.double(), dXXT.double(), **kw)
-    assert float((q_m.double() - q_p.double()).norm() / q_p.double().norm()) < 1e-6  # weights come back float32
-    monkeypatch.setattr(solvers, "ASYM_FORM", "q")
-    with pytest.raises(SolverError, match="ASYM_FORM"):
-        gptaq(W, H, dXXT, bits=4)
-
-
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("mode", ["split", "float32"])
-def test_cross_term_products_have_float32_accuracy(per_channel, mode):
-    """The M form's products, the walk offset c_J = Q[:, :j1] M[:j1, J] and (Err - c_J) - Q_J M[J, J], against float64.
-    Split TF32 runs on the CPU as float32 products of TF32-representable parts (three-part products, or integer
-    codes times a row scale); a last block narrower than the others is included (n = 40, blocks of 16)."""
-    from common.solvers import _CrossTerm
-
-    g = torch.Generator().manual_seed(7)
-    rows, n, lazy = 12, 40, 16
-    scale = torch.rand(rows, 1, generator=g) * 0.1 + 0.01
-    Q = scale * torch.randint(-8, 8, (rows, n), generator=g).float() if per_channel else torch.randn(rows, n, generator=g)
-    M = torch.randn(n, n, generator=g).triu_(1)
-    U = torch.randn(n, n, generator=g).triu_()
-    cross = _CrossTerm(M, U, Q, lazy, mode, scale if per_channel else None)
-    Md, Qd = M.double(), Q.double()
-    for j1 in range(0, n, lazy):
-        j2 = min(j1 + lazy, n)
-        assert torch.allclose(cross.P_diag[j1 // lazy, :j2 - j1, :j2 - j1].double(), Md[j1:j2, j1:j2] @ U[j1:j2, j1:j2].double(),
-                              rtol=1e-5, atol=1e-5)
-        C = cross.before(j1, j2)
-        if j1 == 0:
-            assert C is None
-        else:
-            C1, C2, s = C
-            c = C1 if C2 is None else C1 + C2
-            c = c if s is None else c * s
-            c_ref = Qd[:, :j1] @ Md[:j1, j1:j2]
-            assert float((c.double() - c_ref).norm() / c_ref.norm()) < 1e-6
-        steps = cross.steps(j1, j2)
-        assert (steps is not None) == (per_channel and mode == "split")
-        if steps is not None:  # the walk writes the block's integer steps q / s
-            torch.round(Q[:, j1:j2] / scale, out=steps)
-        err = torch.randn(rows, j2 - j1, generator=g)
-        want = err.double() - Qd[:, j1:j2] @ Md[j1:j2, j1:j2]
-        cross.after(j1, j2, err)
-        assert float((err.double() - want).norm() / want.norm()) < 1e-6
+    with pytest.raises(SolverError, match="o_proj: gptaq needs dXXT"):
+        quantize_linear(W, H, None, SolverConfig(method="gptaq", bits=4), name="o_proj")
+    with pytest.raises(SolverError, match="gptq needs H"):
+        quantize_linear(W, None, None, SolverConfig(method="gptq", bits=4))
+    with pytest.raises(SolverError, match="method 'none'"):
+        quantize_linear(W, H, None, SolverConfig(method="none"))
+    with pytest.raises(SolverError, match="W must be 2-D"):
+        rtn(W.flatten(), bits=4)

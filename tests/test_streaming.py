@@ -1,4 +1,4 @@
-"""Layer streaming (common.streaming, fake_quant/main.py --stream): the streamed pipeline writes the same weights and
+"""Layer streaming (common.pipeline.streaming, fake_quant/main.py --stream): the streamed pipeline writes the same weights and
 gives the same perplexity as the in-memory one, releases every layer, and a subprocess quantizing and evaluating a
 ~270 MiB sharded checkpoint grows its peak RSS by less than a quarter of the model's size."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common import llm, streaming
+from common.models import llm
+from common.pipeline import streaming
 from fixtures import make_tiny_causal_lm, make_tiny_tokenizer, tiny_config, write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,7 +155,8 @@ RUNNER = textwrap.dedent("""
     def peak_mib():  # VmHWM, not ru_maxrss: the latter starts at the forking parent's RSS
         return status_mib("VmHWM")
 
-    from common import llm, streaming
+    from common.models import llm
+    from common.pipeline import streaming
 
     peaks = {{}}
     open_quantized = streaming.open_quantized

@@ -18,10 +18,11 @@ if ROOT not in sys.path:
 
 timm = pytest.importorskip("timm")
 
-from common import vit  # noqa: E402
-from common.act_quant import ActQuantLinear  # noqa: E402
-from vit_quant.args import parse_args  # noqa: E402
-from vit_quant.main import load, main, quantize  # noqa: E402
+from common.models import vit  # noqa: E402
+from common.quant.act_quant import ActQuantLinear  # noqa: E402
+from common.cli.vit import parse_args  # noqa: E402
+from common.runs.vit import load, quantize  # noqa: E402
+from vit_quant.main import main  # noqa: E402
 
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
                                 "num_classes": 3})
@@ -110,7 +111,7 @@ def test_fp_baseline_matches_plain_model(assets):
     res = main(_argv(assets, "vit", out="vit_fp"))
     assert res["method"] == "fp16" and res["w_bits"] == 16 and res["a_bits"] == 16
     model = vit.create_model(VIT[0], assets["vit"], VIT[1])
-    from common.imagefolder import eval_loader, model_transform
+    from common.data.imagefolder import eval_loader, model_transform
     correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in eval_loader(assets["data"], model_transform(model), 4))
     assert res["top1"] == pytest.approx(100.0 * correct / 12)
 

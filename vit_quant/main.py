@@ -1,117 +1,18 @@
 """vit_quant: GPTQ / GPTAQ / RTN post-training quantization of timm vision transformers, ImageNet top-1/top-5.
 
-Per block l (common.driver): the linears get per-token activation quantizers, and each group of linears is solved
-with H = (2/N) X~ X~^T (GPTQ: min ||W X~ - Q X~||) or additionally dXXT = (2/N)(X - X~) X~^T (GPTAQ:
-min ||Q X~ - W X||); the stem, final norm and classifier head stay in full precision.
+The flags are common/cli/vit.py's, the pipeline common/runs/vit.py's (see its docstring).
 
     python vit_quant/main.py --model deit_small_patch16_224 --w_bits 4 --a_bits 4 --w_asym --a_asym --w_clip \
         --act_order --percdamp 0.1 --nsamples 128 --gptaq --data_path /data/imagenet
 """
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from common import vit  # noqa: E402
-from common.act_quant import set_act_quant  # noqa: E402
-from common.driver import WeightQuantConfig, quantize_blocks  # noqa: E402
-from common.imagefolder import DataError, calibration_images, check_imagefolder, eval_loader, model_transform  # noqa: E402
-from common.results import PhaseTimer, markdown_table, reset_peak_memory, write_results  # noqa: E402
-from common.solvers import SolverError  # noqa: E402
-from vit_quant.args import method_name, parse_args  # noqa: E402
-
-
-def run_name(args) -> str:
-    wa = f"w{args.w_bits}a{args.a_bits}"
-    return f"{args.model}_{wa}_{method_name(args)}" if args.w_bits < 16 else f"{args.model}_{wa}"
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of `model` over `loader`."""
-    correct1 = correct5 = total = 0
-    for images, labels in tqdm(loader, desc="eval", unit="batch"):
-        logits = model(images.to(device, non_blocking=True)).float()
-        labels = labels.to(device)
-        topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += (topk[:, 0] == labels).sum().item()
-        correct5 += (topk == labels[:, None]).any(dim=-1).sum().item()
-        total += labels.numel()
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n_val": total}
-
-
-def quantize(model: nn.Module, args, transform, device: torch.device) -> list[dict]:
-    """Wrap every block linear with its activation quantizer, solve the weights block by block (w_bits < 16) and
-    switch the activation quantizers on; returns the driver's per-linear records (none when w_bits = 16)."""
-    prepare_block = vit.make_prepare_block(args.a_bits, sym=not args.a_asym, clip_ratio=args.a_clip_ratio,
-                                           groupsize=args.a_groupsize)
-    method = {"fp16": "none", "gptaq_exact": "gptaq"}.get(method_name(args), method_name(args))
-    cfg = WeightQuantConfig(
-        method=method, bits=args.w_bits, sym=not args.w_asym, mse=args.w_clip,
-        group_size=args.w_groupsize, act_order=args.act_order, static_groups=args.static_groups,
-        percdamp=args.percdamp, alpha=args.alpha, exact=args.gptaq_exact, order=args.order)
-    inputs, rope = [], None
-    if cfg.needs_data:  # RTN runs no block forward and needs no calibration data
-        for images in calibration_images(args.data_path, transform, args.nsamples, args.seed, args.bsz):
-            x, rope = vit.embed(model, images.to(device))
-            inputs.append(x)
-    layers = quantize_blocks(list(model.blocks), inputs, vit.make_run_block(model, rope), vit.sublayer_groups, cfg,
-                             prepare_block=prepare_block, device=device, desc="blocks")
-    set_act_quant(model, True)
-    return layers
-
-
-def load(args) -> tuple[nn.Module, object, torch.device]:
-    """Check the data folder, then build the model (weights loaded, on its device) and its eval transform."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_imagefolder(args.data_path)
-    model = vit.create_model(args.model, args.checkpoint, args.model_kwargs)
-    vit.prepare_model(model)
-    for block in model.blocks:  # fail on an unsupported block type or group size before any long work
-        for group in vit.sublayer_groups(block):
-            for name in group:
-                cols = block.get_submodule(name).in_features
-                for flag in ("w_groupsize", "a_groupsize"):
-                    size = getattr(args, flag)
-                    if size > 0 and cols % size:
-                        raise vit.VitModelError(f"--{flag} {size} does not divide the {cols} input features of "
-                                                f"blocks.*.{name}")
-    return model.to(device), model_transform(model), device
-
-
-def run(args) -> dict:
-    torch.manual_seed(args.seed)
-    timer = PhaseTimer()
-    with timer.phase("load"):
-        model, transform, device = load(args)
-    reset_peak_memory()  # after the model is on its device: resetting an uninitialised CUDA context fails
-    with timer.phase("quantize"):
-        layers = quantize(model, args, transform, device)
-    with timer.phase("eval"):
-        loader = eval_loader(args.data_path, transform, args.bsz, args.val_limit, args.seed, args.workers,
-                             pin_memory=device.type == "cuda")
-        metrics = evaluate(model, loader, device)
-    row = {"model": args.model, "method": method_name(args), "w_bits": args.w_bits, "a_bits": args.a_bits,
-           **metrics}
-    out = args.output_dir or os.path.join("outputs", "vit_quant", run_name(args))
-    path = write_results(out, {**row, "seconds": timer.summary(), "args": vars(args), "layers": layers})
-    print(markdown_table([row]))
-    print(f"wrote {path}")
-    return {**row, "results_path": str(path)}
+from common.cli.vit import parse_args
+from common.runs.vit import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (vit.VitModelError, DataError, SolverError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return run_cli(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Offline quick start for vision transformers: FP vs RTN vs GPTQ vs GPTAQ top-1 at W4A4 and W2A4.
 
 No pretrained ViT and no ImageNet can be downloaded here, so the real benchmark is scikit-learn's 1,797 handwritten
-digits written as an ImageFolder and a small timm ViT trained on them from scratch (`common.digits`, fixed seed,
+digits written as an ImageFolder and a small timm ViT trained on them from scratch (`common.data.digits`, fixed seed,
 cached under ./assets/digits).  It is then quantized by `vit_quant/main.py` with the paper's ViT settings
 (per-channel asymmetric weights with MSE clip search, per-token asymmetric activations, act-order, 10% dampening,
 128 calibration images from train/) and evaluated on the 360 held-out val images.
@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common import digits  # noqa: E402
-from common.results import markdown_table, write_json  # noqa: E402
-from vit_quant import main as vq_main  # noqa: E402
+from common.data import digits
+from common.io.results import markdown_table, write_json
+from common.cli.vit import parse_args
+from common.runs.vit import run_cli
 
 PAPER_FLAGS = ["--w_asym", "--w_clip", "--a_asym", "--act_order", "--percdamp", "0.1", "--nsamples", "128"]
 METHODS = {"RTN": ["--w_rtn"], "GPTQ": [], "GPTAQ": ["--gptaq"]}
@@ -37,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ensure_digits_model(root: Path, epochs: int) -> Path:
-    """The digits ImageFolder and the trained checkpoint under `root` (made by common.digits when absent)."""
+    """The digits ImageFolder and the trained checkpoint under `root` (made by common.data.digits when absent)."""
     ckpt = root / "vit_digits.safetensors"
     if not ckpt.is_file():
         digits.main(["--out", str(root), "--epochs", str(epochs)])
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label, w_bits, a_bits, flags in runs:
         print(f"\n== {label} W{w_bits}A{a_bits}: vit_quant/main.py {' '.join(flags)}", flush=True)
         out = os.path.join(args.output_dir, f"{label.lower()}_w{w_bits}a{a_bits}")
-        r = vq_main.main(common + flags + ["--output_dir", out])
+        r = run_cli(parse_args(common + flags + ["--output_dir", out]))
         rows.append({"method": label, "W": w_bits, "A": a_bits, "top1": r["top1"], "top5": r["top5"]})
     print(f"\ndigits ViT ({digits.MODEL} {digits.MODEL_KWARGS}), full precision and quantized; "
           "top-1 / top-5 (%) on the 360 held-out digits:")

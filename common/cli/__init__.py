@@ -1,0 +1,1 @@
+"""common.cli: command-line flags shared by the front ends."""

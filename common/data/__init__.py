@@ -1,0 +1,1 @@
+"""common.data: calibration and evaluation data, offline assets."""

@@ -1,0 +1,1 @@
+"""common.eval: perplexity and lm-eval."""

@@ -1,0 +1,1 @@
+"""common.io: results, reports and checkpoint export."""

@@ -1,0 +1,262 @@
+"""Export weight-only quantized linears in the standard GPTQ checkpoint layout.
+
+For a linear W [out, in] quantized to b bits with groups of g input columns (codes c, scales s, zero points z,
+group index g_idx; W^ = s[g_idx] * (c - z[g_idx])):
+    qweight  int32 [in * b / 32, out]     codes packed along the input dim,
+    qzeros   int32 [groups, out * b / 32]  zero points packed along the output dim (format "gptq" stores z - 1,
+                                           "gptq_v2" stores z),
+    scales   float16 [groups, out],   g_idx int32 [in],   bias float16 [out] where present.
+Packing: every run of 32 consecutive codes forms a little-endian bit stream of 32*b bits cut into b int32 words
+(code k occupies bits [k*b, (k+1)*b)); for b = 2, 4, 8 that is plain nibble/byte packing, for b = 3 codes straddle
+words.  The exported model must be a plain architecture: weight-only quantization, no online transform (rotations
+folded).  `GPTQCollector` packs each linear as the driver solves it; `export_gptq` writes the checkpoint directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from common.quant.act_quant import ActQuantLinear
+from common.solver import QuantResult, SolverConfig
+
+__all__ = ["ExportError", "EXPORT_BITS", "CHECKPOINT_FORMATS", "PACK", "pack_codes", "pack_linear", "check_exportable",
+           "check_export_config", "check_export_target", "GPTQCollector", "export_gptq"]
+
+EXPORT_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+PACK = 32  # codes per run of `bits` int32 words: every packed dimension must be a multiple of it
+LINEAR_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class ExportError(ValueError):
+    """What cannot be written as a GPTQ checkpoint (bits, shapes, zero points, online transforms, target dir)."""
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes [K, N] along dim 0 into int32 [K * bits / 32, N] (K a multiple of 32)."""
+    if bits not in EXPORT_BITS:
+        raise ExportError(f"export supports bits {EXPORT_BITS}, got {bits}")
+    K, N = codes.shape
+    if K % PACK:
+        raise ExportError(f"cannot pack {K} rows: the packed dimension must be a multiple of {PACK}")
+    c = codes.to(torch.int64).reshape(K // PACK, PACK, N)
+    if c.min() < 0 or c.max() >= 2**bits:
+        raise ExportError(f"codes must lie in [0, {2**bits - 1}]")
+    words = torch.zeros(K // PACK, bits, N, dtype=torch.int64)
+    for k in range(PACK):
+        offset = k * bits
+        word, shift = divmod(offset, 32)
+        words[:, word] |= (c[:, k] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:  # the code straddles two words (3 bits only)
+            words[:, word + 1] |= c[:, k] >> (32 - shift)
+    words = words.reshape(K // PACK * bits, N)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def check_exportable(name: str, result: QuantResult, checkpoint_format: str) -> None:
+    """Raise an ExportError naming the layer if `result` cannot be written in the requested GPTQ layout."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ExportError(f"--export_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    if result.codes is None or result.bits not in EXPORT_BITS:
+        raise ExportError(f"{name}: export needs weights quantized to {EXPORT_BITS} bits, got {result.bits}")
+    out, inp = result.codes.shape
+    if inp % PACK or out % PACK:
+        raise ExportError(f"{name}: export packs {PACK} codes at a time; in_features {inp} and out_features {out} "
+                          f"must be multiples of {PACK}")
+    if checkpoint_format == "gptq" and bool((result.zeros == 0).any()):
+        raise ExportError(f"{name}: a zero point of 0 cannot be stored in the 'gptq' (v1, zero - 1) format; "
+                          "use --export_format gptq_v2 or symmetric weights (drop --w_asym)")
+
+
+def pack_linear(result: QuantResult, bias: torch.Tensor | None, checkpoint_format: str = "gptq",
+                name: str = "layer") -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one linear layer: qweight, qzeros, scales, g_idx (and bias)."""
+    check_exportable(name, result, checkpoint_format)
+    zeros = result.zeros.round().to(torch.int64).cpu()
+    if checkpoint_format == "gptq":
+        zeros = zeros - 1
+    tensors = {
+        "qweight": pack_codes(result.codes.cpu().t().contiguous(), result.bits),
+        "qzeros": pack_codes(zeros.contiguous(), result.bits).t().contiguous(),
+        "scales": result.scales.cpu().t().contiguous().to(torch.float16),
+        "g_idx": result.g_idx.cpu().to(torch.int32).contiguous(),
+    }
+    if bias is not None:
+        tensors["bias"] = bias.detach().cpu().to(torch.float16).contiguous()
+    return tensors
+
+
+def _linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each decoder linear of a Llama-style config."""
+    from common.models.llm import head_dim
+
+    hd, hidden, inter = head_dim(config), config.hidden_size, config.intermediate_size
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * hd
+    q = config.num_attention_heads * hd
+    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+def check_export_config(config) -> None:
+    """Raise an ExportError unless every decoder linear of `config` (config.json only) has in and out features that
+    are multiples of 32, as GPTQ packing needs."""
+    for name, (out, inp) in _linear_shapes(config).items():
+        if out % PACK or inp % PACK:
+            raise ExportError(f"--export: {name} is [{out} x {inp}] ({config.model_type}, hidden_size "
+                              f"{config.hidden_size}, intermediate_size {config.intermediate_size}); GPTQ packing "
+                              f"needs in and out features that are multiples of {PACK}")
+
+
+def check_export_target(path: str | os.PathLike, flag: str = "--export") -> None:
+    """Raise an ExportError if `path` is a file or a non-empty directory (an export never overwrites anything)."""
+    path = Path(os.path.expanduser(path))
+    if path.is_file():
+        raise ExportError(f"{flag}: {path} is a file; expected a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ExportError(f"{flag}: {path} exists and is not empty; refusing to overwrite it")
+
+
+class GPTQCollector:
+    """`on_quantized` callback of `common.pipeline.driver.quantize_blocks`: checks and packs every solved linear at once
+    (a bad layer stops the run at its first block; only the packed tensors, bits/8 bytes per weight, are kept).
+
+    `packed` maps the full module name (`prefix`.block.name) to its qweight / qzeros / scales / g_idx."""
+
+    def __init__(self, model: nn.Module, blocks: nn.Module, checkpoint_format: str = "gptq"):
+        self.prefix = next(n for n, m in model.named_modules() if m is blocks)
+        self.checkpoint_format = checkpoint_format
+        self.packed: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, block: int, name: str, result: QuantResult) -> None:
+        full = f"{self.prefix}.{block}.{name}"
+        self.packed[full] = pack_linear(result, None, self.checkpoint_format, full)
+
+
+def _check_plain(model: nn.Module) -> None:
+    """Refuse models that need more than their weights: online transforms, activation or KV-cache quantizers."""
+    from common.models.kv_quant import kv_quantizers
+
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuantLinear) and (m.pre_transform is not None or m.quantizer.bits < 16):
+            raise ExportError(f"export: {name} has an online transform or an activation quantizer; a GPTQ checkpoint "
+                              "holds weight-only models (no --a_bits, no online R4 Hadamard)")
+    if kv_quantizers(model):
+        raise ExportError("export: the model has KV-cache quantizers or the online R3 Hadamard; a GPTQ checkpoint "
+                          "holds weight-only models")
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with the ActQuantLinear wrappers removed from the names (N.linear.weight -> N.weight)."""
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    state = {}
+    for key, value in model.state_dict().items():
+        mod, _, leaf = key.rpartition(".")
+        if mod.endswith(".linear") and mod[:-len(".linear")] in wrappers:
+            mod = mod[:-len(".linear")]
+        state[f"{mod}.{leaf}" if mod else leaf] = value
+    return state
+
+
+def _readable(directory: Path) -> None:
+    """mkdtemp makes the folder (and safetensors the file) private; an export is shared like save_pretrained's."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, torch.Tensor]],
+                out_dir: str | os.PathLike, cfg: SolverConfig, *, checkpoint_format: str = "gptq",
+                tokenizer=None) -> Path:
+    """Write `model` with every decoder linear packed as GPTQ tensors: `results` maps each module name (as in
+    model.named_modules(), wrappers included) to its QuantResult or to the tensors `GPTQCollector` packed; `cfg`
+    is the solver configuration they were quantized with (quantize_config.json records it).
+
+    Everything else of the model (embeddings, norms, lm_head) is stored as is in float16.  Writes model.safetensors,
+    config.json with a `quantization_config` block, quantize_config.json and the tokenizer files into a temporary
+    sibling folder, renamed to `out_dir` at the end, so a failed export leaves nothing half-written.  `out_dir` must
+    not exist or be empty.
+    """
+    from safetensors.torch import save_file
+
+    bits = cfg.bits
+    check_export_target(out_dir, "export")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ExportError(f"--export_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    _check_plain(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in results if n not in modules]
+    if missing:
+        raise ExportError(f"export: no module named {missing[0]!r} in the model")
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in modules.items() if m is head), None)
+    for name, m in modules.items():
+        owner = name.removesuffix(".linear") if isinstance(modules.get(name.removesuffix(".linear")),
+                                                            ActQuantLinear) else name
+        if isinstance(m, nn.Linear) and owner != head_name and owner not in results:
+            raise ExportError(f"export: linear {owner} was not quantized; every decoder linear must be")
+    tensors = {}
+    for name, res in results.items():
+        packed = pack_linear(res, None, checkpoint_format, name) if isinstance(res, QuantResult) else res
+        expected = packed["qweight"].shape[0] * 32 // bits
+        if packed["g_idx"].numel() != expected:
+            raise ExportError(f"export: {name} was packed with other bits than {bits}")
+        bias = getattr(modules[name], "bias", None)
+        tensors[name] = {k: packed[k] for k in LINEAR_TENSORS}
+        if bias is not None:
+            tensors[name]["bias"] = bias.detach().cpu().to(torch.float16)
+
+    state = {}
+    for key, value in _plain_state(model).items():
+        if key.rpartition(".")[0] in tensors:
+            continue
+        value = value.detach().cpu()
+        state[key] = value.to(torch.float16) if value.is_floating_point() else value
+    emb = model.get_input_embeddings()
+    if head_name is not None and getattr(model.config, "tie_word_embeddings", False) and \
+            head.weight.data_ptr() == emb.weight.data_ptr():
+        state.pop(f"{head_name}.weight", None)  # tied: loaders rebuild lm_head from the embedding
+    for name, linear in tensors.items():
+        state.update({f"{name}.{k}": v for k, v in linear.items()})
+    state = {k: v.contiguous().clone() for k, v in state.items()}  # no shared storage in safetensors
+
+    qcfg = {
+        "quant_method": "gptq", "bits": bits, "group_size": cfg.group_size,
+        "desc_act": cfg.act_order and cfg.method != "rtn", "sym": cfg.sym, "static_groups": cfg.static_groups,
+        "true_sequential": True, "damp_percent": cfg.percdamp,
+        "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
+        "lm_head": False, "meta": {"quantizer": [f"gptaq:{cfg.label}"]},
+    }
+    out_dir = Path(os.path.expanduser(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("gptaq_rotation", None)  # rotations are folded into the weights: a plain model
+        config["quantization_config"] = qcfg
+        config["dtype"] = "float16"
+        config["use_cache"] = True
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        _readable(tmp)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

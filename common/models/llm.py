@@ -1,0 +1,354 @@
+"""Decoder-only LLMs (Llama, Qwen2/2.5, Qwen3, Mistral in transformers 5): loading, decoder layers and their inputs.
+
+A decoder layer l maps the residual stream X_l -> X_{l+1}; its linears are solved in the order
+[k, v, q] -> [o] -> [up, gate] -> [down] (each group shares one input).  `capture_layer_inputs` runs the embedding
+on the device and records X_0 plus the keyword arguments (attention mask, position embeddings...) that each layer
+receives, so that one layer at a time can run on the device while the model stays on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from common.models.hadamard import OnlineHadamard
+from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "looks_like_path", "read_config",
+           "check_config", "linear_in_features", "load_model", "load_tokenizer", "decoder_layers",
+           "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
+           "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
+           "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
+           "make_rebuild_layer", "distribute_model", "head_dim", "install_online_hadamard"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LAYER_GROUPS = (
+    ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.up_proj", "mlp.gate_proj"],
+    ["mlp.down_proj"],
+)
+
+
+class LLMError(ValueError):
+    """Bad model argument: unsupported architecture, missing directory, unreadable config."""
+
+
+def looks_like_path(value: str) -> bool:
+    """True for values meant as local paths (absolute, ./, ../, ~, a trailing / or more than one /),
+    False for hub ids like 'meta-llama/Llama-2-7b-hf'."""
+    return (os.path.isabs(value) or value.startswith((".", "~")) or value.endswith(("/", os.sep))
+            or value.count("/") > 1 or os.sep != "/" and os.sep in value)
+
+
+def read_config(name_or_path: str, flag: str = "--model"):
+    """The model's config (only config.json is read): a local directory or a hub id."""
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise LLMError(f"{flag}: {name_or_path} is a file; expected a model directory or a hub id")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise LLMError(f"{flag}: directory {name_or_path} has no config.json")
+        return AutoConfig.from_pretrained(path)
+    if looks_like_path(name_or_path):
+        raise LLMError(f"{flag}: local model directory {name_or_path} does not exist")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:  # noqa: BLE001 - hub / network errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LLMError(f"{flag}: cannot read the config of {name_or_path!r} (not a local directory, and the hub "
+                       f"lookup failed: {first})") from None
+
+
+def check_config(config) -> None:
+    """Raise LLMError unless the config is one of the supported decoder families."""
+    model_type = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    if model_type not in SUPPORTED_MODEL_TYPES or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        name = archs[0] if archs else model_type
+        raise LLMError(f"--model: unsupported architecture {name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def linear_in_features(config) -> dict[str, int]:
+    """Input features of each kind of decoder linear (what a weight / activation group size must divide)."""
+    return {"q/k/v_proj, up/gate_proj": config.hidden_size,
+            "o_proj": config.num_attention_heads * head_dim(config),
+            "down_proj": config.intermediate_size}
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float16") -> nn.Module:
+    """AutoModelForCausalLM on CPU in `dtype`, eval mode, no KV cache; raises LLMError for unsupported models."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    check_config(read_config(name_or_path))
+    model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype,
+                                                 low_cpu_mem_usage=True)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def sublayer_groups(layer: nn.Module) -> list[list[str]]:
+    """[k, v, q] -> [o] -> [up, gate] -> [down] (names relative to the decoder layer)."""
+    return [list(g) for g in LAYER_GROUPS]
+
+
+def make_prepare_layer(settings: ActQuantSettings) -> Callable[[nn.Module], None]:
+    """prepare_layer(layer): wrap every linear of a decoder layer in ActQuantLinear (an existing wrapper keeps its
+    online pre_transform, e.g. QuaRot's down_proj Hadamard) and give it a fresh quantizer."""
+    def prepare(layer: nn.Module) -> None:
+        for name, wrapper in wrap_linears(layer).items():
+            bits = settings.bits
+            if name.endswith("down_proj") and settings.down_proj_bits is not None:
+                bits = settings.down_proj_bits
+            wrapper.quantizer = ActQuantizer(bits=bits, sym=settings.sym, clip_ratio=settings.clip_ratio,
+                                             groupsize=settings.groupsize)
+    return prepare
+
+
+def add_act_quant(model: nn.Module, settings: ActQuantSettings) -> None:
+    """make_prepare_layer(settings) on every decoder layer (lm_head stays 16-bit)."""
+    prepare = make_prepare_layer(settings)
+    for layer in decoder_layers(model):
+        prepare(layer)
+
+
+class _StopEmbedding(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer `index` during capture: records its arguments and passes the stream through."""
+
+    def __init__(self, layer: nn.Module, index: int, store: "LayerInputs", last: bool):
+        super().__init__()
+        self.index, self.store, self.last = index, store, last
+        self.attention_type = getattr(layer, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.store.inputs.append(hidden_states)
+        self.store.kwargs.setdefault(self.index, {})[hidden_states.shape[0]] = (args, kwargs)
+        if self.last:
+            raise _StopEmbedding
+        return hidden_states
+
+
+class LayerInputs:
+    """X_0 (one tensor per batch) and each layer's extra arguments, keyed by layer index and batch size.
+
+    `run_layer(layer, x)` runs a decoder layer (identified by its self_attn.layer_idx, so deep copies work) on x.
+    """
+
+    def __init__(self):
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict[int, dict[int, tuple[tuple, dict]]] = {}
+
+    def run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.kwargs[layer.self_attn.layer_idx][x.shape[0]]
+        out = layer(x, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device | str) -> LayerInputs:
+    """Run the embedding (and rotary embedding, mask construction) on `device` for each batch of token ids
+    [bsz, seqlen]; the decoder layers stay where they are.  Returns the captured X_0 and layer arguments."""
+    device = torch.device(device)
+    base = model.model
+    layers = base.layers
+    store = LayerInputs()
+    moved = [m for n, m in base.named_children() if n != "layers"]
+    homes = [next(iter(m.parameters()), next(iter(m.buffers()), torch.empty(0))).device for m in moved]
+    for m in moved:
+        m.to(device)
+    base.layers = nn.ModuleList([_Catcher(layer, i, store, i == len(layers) - 1) for i, layer in enumerate(layers)])
+    try:
+        for ids in batches:
+            try:
+                base(input_ids=ids.to(device), use_cache=False)
+            except _StopEmbedding:
+                pass
+    finally:
+        base.layers = layers
+        for m, home in zip(moved, homes):
+            m.to(home)
+    return store
+
+
+# ------------------------------------------------------------------------------------- quantized models
+
+QUANT_FILE = "gptaq_quant.json"
+QUANT_FORMAT = 1
+
+
+def install_layer_quantizers(layer: nn.Module, act: ActQuantSettings, kv) -> None:
+    """install_quantizers for one decoder layer (what the streaming pipeline does as each layer is loaded)."""
+    from common.quant.act_quant import set_act_quant
+    from common.models.kv_quant import add_kv_quantization
+
+    add_kv_quantization(layer, kv)
+    make_prepare_layer(act)(layer)
+    set_act_quant(layer, True)
+
+
+def install_quantizers(model: nn.Module, act: ActQuantSettings, kv) -> None:
+    """KV-cache quantizers / R3 (`common.models.kv_quant.KVQuantConfig`) and activation quantizers on every decoder
+    linear, all switched on.  Call after any rotation (the down_proj wrapper keeps its online Hadamard)."""
+    for layer in decoder_layers(model):
+        install_layer_quantizers(layer, act, kv)
+
+
+def check_save_target(path: str, flag: str = "--save_qmodel_path") -> None:
+    """Refuse to overwrite anything but an empty directory or an earlier saved quantized model."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        raise LLMError(f"{flag}: {path} is a file; expected a directory")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, QUANT_FILE)):
+        raise LLMError(f"{flag}: {path} exists and is not a saved quantized model; refusing to overwrite it")
+
+
+@torch.no_grad()
+def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict) -> None:
+    """Save the fake-quantized model as a plain transformers checkpoint (the ActQuantLinear wrappers are
+    unwrapped, so the weights keep their usual names; rotated models carry the folded R1/R2/R4 in their weights)
+    plus the tokenizer and QUANT_FILE = {format, rotation, act_quant, kv_quant, ...} needed to rebuild the
+    online Hadamards and the quantizers.  Written to a temporary sibling directory, then renamed into place."""
+    import shutil
+    import tempfile
+
+    from common.quant.act_quant import ActQuantLinear
+
+    path = os.path.abspath(os.path.expanduser(path))
+    check_save_target(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
+    try:
+        for name, w in wrappers:
+            _set_submodule(model, name, w.linear)
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            for name, w in wrappers:
+                _set_submodule(model, name, w)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_quant_file(tmp, model.config, spec)
+        publish_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_quant_file(directory: str, config, spec: dict) -> None:
+    """QUANT_FILE = {format, rotation (config.gptaq_rotation), **spec} in `directory`."""
+    record = {"format": QUANT_FORMAT, "rotation": getattr(config, "gptaq_rotation", None), **spec}
+    with open(os.path.join(directory, QUANT_FILE), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+
+
+def publish_directory(tmp: str, path: str) -> None:
+    """Move the finished directory `tmp` to `path` (a sibling), replacing an earlier one there."""
+    import shutil
+    import tempfile
+
+    if os.path.isdir(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+        os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def read_quant_spec(path: str) -> dict:
+    """QUANT_FILE of a directory written by save_quantized."""
+    file = os.path.join(os.path.expanduser(path), QUANT_FILE)
+    try:
+        with open(file) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LLMError(f"--load_qmodel_path: cannot read {file}: {e}") from None
+    if spec.get("format") != QUANT_FORMAT:
+        raise LLMError(f"--load_qmodel_path: {file} has format {spec.get('format')!r}, expected {QUANT_FORMAT}")
+    return spec
+
+
+def load_quantized(path: str, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by save_quantized: weights, online Hadamards (R4 on down_proj), KV / activation
+    quantizers, all switched on.  dtype None = the saved dtype.  Returns (model, spec)."""
+    spec = read_quant_spec(path)
+    model = load_model(path, dtype or spec.get("dtype") or "float16")
+    rebuild = make_rebuild_layer(spec)
+    for layer in decoder_layers(model):
+        rebuild(layer)
+    return model, spec
+
+
+def install_online_hadamard(layer: nn.Module, fp32_had: bool = False) -> None:
+    """Put the online R4 (x -> x H^T) in front of one decoder layer's down_proj (wrapped in ActQuantLinear if
+    needed).  Touches no weight."""
+    mlp = layer.mlp
+    down = mlp.down_proj.linear if isinstance(mlp.down_proj, ActQuantLinear) else mlp.down_proj
+    transform = OnlineHadamard(down.in_features, fp32_had=fp32_had)
+    if isinstance(mlp.down_proj, ActQuantLinear):
+        mlp.down_proj.pre_transform = transform
+    else:
+        mlp.down_proj = ActQuantLinear(mlp.down_proj, pre_transform=transform)
+
+
+def make_rebuild_layer(spec: dict) -> Callable[[nn.Module], None]:
+    """rebuild(layer): what a saved decoder layer needs besides its weights (QUANT_FILE `spec`): the online R4
+    Hadamard on down_proj if the model was rotated, then its KV-cache and activation quantizers, all switched on."""
+    from common.models.kv_quant import KVQuantConfig
+
+    rotation = spec.get("rotation") or {}
+    act, kv = ActQuantSettings(**spec["act_quant"]), KVQuantConfig(**spec["kv_quant"])
+
+    def rebuild(layer: nn.Module) -> None:
+        if rotation.get("online_r4"):
+            install_online_hadamard(layer, fp32_had=bool(rotation.get("fp32_had")))
+        install_layer_quantizers(layer, act, kv)
+    return rebuild
+
+
+def distribute_model(model: nn.Module) -> torch.device:
+    """Spread the decoder layers over all visible GPUs with accelerate (balanced, a layer never split);
+    returns the device of the embedding (where inputs go)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = [type(decoder_layers(model)[0]).__name__]
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=device_map)
+    return model.get_input_embeddings().weight.device

@@ -1,0 +1,1 @@
+"""common.pipeline: the block driver: capture, streaming, resume, data parallelism."""

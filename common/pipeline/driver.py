@@ -1,0 +1,343 @@
+"""Block-by-block post-training quantization driver (GPTQ, GPTAQ, RTN), shared by the LLM and ViT front ends.
+
+Block l is quantized on the stream X~_l of the already-quantized blocks 0..l-1.  For each group of its linears
+(solved in order, earlier groups already quantized) the driver accumulates H = (2/N) X~ X~^T and, for GPTAQ,
+dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precision block run on the
+full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
+GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on
+(`quant_order` overrides either: "w_first" / "a_first", the paper's Table 6).
+Under torchrun (`common.pipeline.distributed`) each rank carries its shard of both streams, the statistics are summed over
+ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.pipeline.resume` checkpoints after
+every block.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.pipeline import distributed
+from common import solver
+from common.solver import SolverConfig
+from common.quant.act_quant import ActQuantLinear, set_act_quant
+from common.pipeline.hessian import HessianAccumulator
+from common.pipeline.resume import ResumeError, ResumeState
+
+__all__ = ["quantize_blocks"]
+
+log = logging.getLogger(__name__)
+
+class _StopForward(Exception):
+    """Raised from a hook once every linear of the group has shown its input: the rest of the block is skipped."""
+
+
+def _weight_module(module: nn.Module) -> nn.Module:
+    """The module whose input is exactly what the weight sees (the inner linear of an ActQuantLinear)."""
+    return module.linear if isinstance(module, ActQuantLinear) else module
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    for t in list(block.parameters()) + list(block.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class _GroupRecorder:
+    """Forward pre-hooks on a group's linears: pass each input to `sink(name, x)`; once every linear of the group
+    has been called (each linear is assumed to run once per block forward), stop the block's forward, or with
+    stop=False let it run to its end and return its output."""
+
+    def __init__(self, block: nn.Module, names: list[str], sink: Callable[[str, torch.Tensor], None],
+                 stop: bool = True):
+        self.names, self.sink, self.stop, self.seen = names, sink, stop, set()
+        self.handles = [_weight_module(block.get_submodule(n)).register_forward_pre_hook(self._hook(n))
+                        for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            self.sink(name, args[0])
+            self.seen.add(name)
+            if self.stop and len(self.seen) == len(self.names):
+                raise _StopForward
+        return hook
+
+    def run(self, run_block: Callable, block: nn.Module, x: torch.Tensor):
+        self.seen = set()
+        out = None
+        try:
+            out = run_block(block, x)
+        except _StopForward:
+            pass
+        missing = set(self.names) - self.seen
+        if missing:
+            raise RuntimeError(f"linears {sorted(missing)} were not called by the block's forward; "
+                               "check sublayer_groups")
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _to(x: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if device.type == "cpu":
+        x = x.to("cpu")
+        return x.pin_memory() if pin and not x.is_pinned() else x
+    return x.to(device, non_blocking=True)
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+@torch.no_grad()
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None):
+    """H (and dXXT) of every linear in `names`, over all batches.
+
+    Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
+    quantizers) share one accumulator, so each distinct input is accumulated once: the first batch compares every
+    linear's inputs with the group's earlier ones, each later batch checks that they still agree, and a linear whose
+    inputs stop agreeing takes a copy of the sums so far and continues on its own.
+    advance_fp(b, out): the full-precision block runs to its end and hands over its output for batch b (the FP
+    stream's advance, which then needs no second pass of the unchanged FP block).
+    """
+    stats: dict[str, HessianAccumulator] = {}
+    leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
+    fp_seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, tuple] = {}  # this batch: name -> (x~, x)
+
+    def fp_sink(name, x):
+        fp_seen[name] = x
+
+    def q_sink(name, x):
+        seen[name] = (x, fp_seen.pop(name) if asymmetric else None)
+
+    def agrees(other, x, fp):
+        return _same(seen[other][0], x) and _same(seen[other][1], fp)
+
+    def accumulate():
+        for name in names:
+            x, fp = seen[name]
+            if name not in leader:  # first batch
+                leader[name] = next((o for o in names if leader.get(o) == o and agrees(o, x, fp)), name)
+                stats[name] = (HessianAccumulator(x.shape[-1], device, asymmetric) if leader[name] == name
+                               else stats[leader[name]])
+            elif leader[name] != name and not agrees(leader[name], x, fp):
+                stats[name] = stats[leader[name]].clone()  # the earlier batches agreed: their sums are shared
+                leader[name] = name
+        for name in names:
+            if leader[name] == name:
+                stats[name].add(*seen[name])
+        seen.clear()
+
+    q_rec = _GroupRecorder(block, names, q_sink)
+    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) if asymmetric else None
+    try:
+        for b in range(len(xq)):
+            if asymmetric:
+                out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
+                if advance_fp is not None:
+                    advance_fp(b, out)
+            q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
+            accumulate()
+    finally:
+        q_rec.remove()
+        if fp_rec is not None:
+            fp_rec.remove()
+    if distributed.world_size() > 1:  # every linear its own sums, so that all ranks make the same all-reduces
+        for name in names:
+            if leader[name] != name:
+                stats[name] = stats[name].clone()
+        for name in names:
+            stats[name].all_reduce()
+    return stats
+
+
+def quantize_blocks(
+    blocks: Sequence[nn.Module],
+    inputs: list[torch.Tensor],
+    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    sublayer_groups: Callable[[nn.Module], list[list[str]]],
+    cfg: SolverConfig,
+    prepare_block: Callable[[nn.Module], None] | None = None,
+    device: torch.device | str = "cpu",
+    offload_inputs: bool = False,
+    desc: str = "blocks",
+    on_quantized: Callable[[int, str, solver.QuantResult], None] | None = None,
+    resume: ResumeState | None = None,
+    block_times: list[dict] | None = None,
+) -> list[dict]:
+    """Quantize `blocks` in place, one at a time on `device` (each goes back to its original device afterwards).
+
+    inputs: the calibration inputs of blocks[0], one tensor per batch (may be empty for RTN / method "none").
+    run_block(block, x): one block's forward (closing over masks, position embeddings...); a tuple output's first
+    element is taken as the hidden states.  sublayer_groups(block): the names of its linears, grouped, in solve
+    order.  prepare_block(block): wraps the linears in ActQuantLinear / sets activation quantizers (before capture).
+    offload_inputs: keep both streams on CPU (pinned with CUDA) between blocks instead of on `device`.
+    on_quantized(block_index, name, QuantResult): optional callback per solved linear (e.g. for export).
+    resume: checkpoint after every block into this `common.pipeline.resume.ResumeState`, and first skip the blocks it has
+    finished (their saved weights are loaded, on_quantized is replayed from the saved results) and restart from its
+    saved streams.
+    Under torchrun, `inputs` is this rank's shard of the calibration batches (`common.pipeline.distributed.shard`); every
+    rank ends with the same weights.
+    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s"} is appended per quantized block: wall
+    seconds spent capturing H / dXXT, solving (incl. proxy losses), and advancing the streams (CUDA synchronized).
+    Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
+    "seconds"}; proxy losses are from `common.solver.proxy_loss` (none for RTN, which runs no calibration).
+    """
+    device = torch.device(device)
+    stream_device = torch.device("cpu") if offload_inputs else device
+    pin = offload_inputs and device.type == "cuda"
+    asymmetric = cfg.asymmetric
+    needs_data = cfg.needs_data
+    if needs_data and not inputs:
+        raise ValueError(f"{cfg.method} needs calibration inputs, got none")
+    xq = [_to(x, stream_device, pin) for x in inputs] if needs_data else []
+    xfp = [x for x in xq] if asymmetric else []  # same tensors until the first block replaces them
+    records: list[dict] = []
+    start = 0
+    if resume is not None and cfg.active:
+        start, records = resume.load()
+        if needs_data and 0 < start < len(blocks):
+            xq, xfp = resume.load_streams(start, inputs, asymmetric)
+            xq, xfp = [_to(x, stream_device, pin) for x in xq], [_to(x, stream_device, pin) for x in xfp]
+
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not distributed.is_main())):
+        if i < start:
+            _restore_block(resume, i, block, prepare_block, cfg.acts_during_capture, on_quantized)
+            continue
+        home = _block_device(block)
+        block.to(device)
+        if prepare_block is not None:
+            prepare_block(block)
+        if not cfg.active:
+            block.to(home)
+            continue
+        distributed.broadcast_module_(block)  # ranks start every block from identical weights
+        set_act_quant(block, cfg.acts_during_capture)
+        fp_block = None
+        if asymmetric:
+            fp_block = copy.deepcopy(block)
+            set_act_quant(fp_block, False)
+        block_records, block_results = [], {}
+        times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
+        groups = sublayer_groups(block)
+        for gi, group in enumerate(groups):
+            t0 = _now(device)
+            # GPTAQ: the last group's capture runs the FP block to its end and advances the FP stream
+            advance_fp = None
+            if asymmetric and gi == len(groups) - 1:
+                def advance_fp(b, out):
+                    xfp[b] = _to(_output(out), stream_device, pin)
+            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
+                if needs_data else {}
+            t1 = _now(device)
+            times["capture_s"] += t1 - t0
+            mine = {}
+            for j, name in enumerate(group):
+                if distributed.owner(j) != distributed.rank():
+                    continue
+                t0 = time.time()
+                lin = _weight_module(block.get_submodule(name))
+                W = lin.weight.data
+                acc = stats.get(name)
+                res = solver.quantize_linear(W.float(), None if acc is None else acc.H, None if acc is None else acc.dXXT,
+                                              cfg, name=f"{desc}.{i}.{name}")
+                rec = {"block": i, "name": name, "method": cfg.method, "bits": cfg.bits, "shape": list(W.shape)}
+                if acc is not None:
+                    rec["tokens"] = acc.nsamples
+                    rec.update(solver.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
+                W.copy_(res.weight.to(W.dtype))
+                rec["seconds"] = round(time.time() - t0, 4)
+                mine[name] = (rec, res if on_quantized is not None else None)
+            del stats
+            for name, (rec, res) in _share_solved(block, group, mine).items():
+                block_records.append(rec)
+                if on_quantized is not None:
+                    on_quantized(i, name, res)
+                    if resume is not None:
+                        block_results[name] = res
+            times["solve_s"] += _now(device) - t1
+        t0 = _now(device)
+        with torch.no_grad():
+            for b in range(len(xq)):  # (the FP stream advanced during the last group's capture)
+                xq[b] = _to(_output(run_block(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
+        del fp_block
+        times["forward_s"] += _now(device) - t0
+        if block_times is not None:
+            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
+        records.extend(block_records)
+        if resume is not None:
+            resume.save_block(i, {r["name"]: _weight_module(block.get_submodule(r["name"])).weight
+                                  for r in block_records}, block_results if on_quantized is not None else None)
+            last = i + 1 == len(blocks)  # no block reads the last block's outputs
+            resume.commit(i + 1, [] if last else xq, [] if last else xfp, records)
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if distributed.is_main():
+            log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
+    return records
+
+
+def _now(device: torch.device) -> float:
+    """perf_counter after the device's queued work has finished (phase timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _share_solved(block: nn.Module, group: list[str], mine: dict[str, tuple]) -> dict[str, tuple]:
+    """{name: (record, QuantResult or None)} of the whole group, in group order, on every rank: each solved weight
+    is broadcast from the rank that solved it (`distributed.owner`), records and results are gathered."""
+    if distributed.world_size() == 1:
+        return mine
+    for j, name in enumerate(group):
+        distributed.broadcast_(_weight_module(block.get_submodule(name)).weight.data, distributed.owner(j))
+    cpu = {n: (rec, None if res is None else _result_to_cpu(res)) for n, (rec, res) in mine.items()}
+    solved = {}
+    for part in distributed.all_gather_object(cpu):
+        solved.update(part)
+    return {name: solved[name] for name in group}
+
+
+def _result_to_cpu(res: solver.QuantResult) -> solver.QuantResult:
+    return solver.QuantResult(**{f: v.cpu() if isinstance(v, torch.Tensor) else v for f, v in vars(res).items()})
+
+
+def _restore_block(resume: ResumeState, i: int, block: nn.Module, prepare_block, acts_on: bool,
+                   on_quantized) -> None:
+    """A block finished by an earlier run: wrap it as the run did, load its saved quantized weights and replay
+    on_quantized from the saved results."""
+    if prepare_block is not None:
+        prepare_block(block)
+    set_act_quant(block, acts_on)
+    weights, results = resume.load_block(i)
+    with torch.no_grad():
+        for name, w in weights.items():
+            _weight_module(block.get_submodule(name)).weight.copy_(w)
+    if on_quantized is not None:
+        if results is None:
+            raise ResumeError(f"--resume: block {i} was saved without the quantization results an export needs; "
+                              f"delete {resume.directory} and run again")
+        for name, res in results.items():
+            on_quantized(i, name, res)
+
+
+def _fmt(rec: dict) -> str:
+    if "loss" not in rec:
+        return f"{rec['name']} done"
+    s = f"{rec['name']} loss={rec['loss']:.4g}"
+    if "asym_loss" in rec:
+        s += f" asym={rec['asym_loss']:.4g}"
+    return s

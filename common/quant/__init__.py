@@ -1,0 +1,1 @@
+"""common.quant: quantization grids and quantizers."""

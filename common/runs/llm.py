@@ -1,0 +1,312 @@
+"""The LLM pipeline behind fake_quant/main.py and spinquant/main.py: GPTQ / GPTAQ / RTN with W/A/KV fake quantization.
+
+Pipeline: (optional) rotation (QuaRot's random Hadamards, or the learned SpinQuant rotation passed as `rotation`: (norm fusion, R1/R2 folded, online R3 on q/k and R4 on down_proj) ->
+KV-cache and per-token activation quantizers on every decoder linear (lm_head stays 16-bit) -> weights solved layer
+by layer (common.pipeline.driver): GPTQ min ||W X~ - Q X~||^2, GPTAQ min ||Q X~ - W X||^2 with the full-precision stream X
+carried alongside -> activation quantizers on -> evaluation.  --export DIR also writes the weight-only result as a
+standard GPTQ checkpoint (common.io.export; fp16 scales, rotation without online R3/R4, so it is a plain model).
+--resume checkpoints after every decoder layer (common.pipeline.resume); under torchrun the calibration batches are sharded
+over the processes (common.pipeline.distributed) and rank 0 evaluates and writes the results.  --stream reads, quantizes and
+writes one decoder layer at a time and evaluates from the written checkpoint (common.pipeline.streaming).
+
+    python fake_quant/main.py --model meta-llama/Llama-2-7b-hf --rotate --w_bits 4 --a_bits 4 --k_bits 4 \
+        --v_bits 4 --w_clip --a_clip_ratio 0.9 --k_clip_ratio 0.95 --v_clip_ratio 0.95 --gptaq
+    torchrun --nproc_per_node 2 fake_quant/main.py ...   (same flags; one GPU per process)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import random
+import shutil
+from contextlib import contextmanager
+
+import torch
+
+from common.cli.llm import SAVED_FLAGS, method_name, run_name, settings, validate_model_config
+from common.eval.lm_eval_runner import require_chat_template, task_score
+from common.io.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results
+from common.models import llm
+from common.models.rotation import Rotation
+from common.pipeline import distributed, streaming
+
+log = logging.getLogger("fake_quant")
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def rotation_of(args) -> Rotation | None:
+    """QuaRot's rotation of the command line (--rotate, --rotate_mode, --rotation_seed, --fp32_had), or None."""
+    if not args.rotate:
+        return None
+    return Rotation.quarot(llm.read_config(args.model), args.rotate_mode, args.rotation_seed, args.fp32_had)
+
+
+def _batches(samples: list[torch.Tensor], bsz: int) -> list[torch.Tensor]:
+    return [torch.cat(samples[i:i + bsz], dim=0) for i in range(0, len(samples), bsz)]
+
+
+def resume_fingerprint(args, wcfg, act, kv, rotation: Rotation | None, cal_samples: list[torch.Tensor]) -> dict:
+    """What a --resume checkpoint must share with this run: model, dtype, calibration tokens and batching, and the
+    configuration objects (solver, activations, KV cache, rotation matrices)."""
+    model = args.model if not os.path.exists(os.path.expanduser(args.model)) else \
+        os.path.abspath(os.path.expanduser(args.model))
+    tokens = hashlib.sha256(b"".join(t.numpy().tobytes() for t in cal_samples)).hexdigest()
+    return {"model": model, "dtype": args.dtype, "seed": args.seed, "seqlen": args.seqlen, "bsz": args.bsz,
+            "nsamples": args.nsamples, "cal_dataset": args.cal_dataset, "calibration_sha256": tokens,
+            "solver": wcfg.to_dict(), "act_quant": act.to_dict(),
+            "kv_quant": dataclasses.asdict(kv), "export": bool(args.export),  # export: no online R3/R4
+            "rotation": None if rotation is None else rotation.fingerprint()}
+
+
+def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, rotation: Rotation | None = None,
+             resume=None, on_quantized=None) -> list[dict]:
+    """Rotation, quantizers, then the layer-by-layer weight solve (this rank's share of the calibration batches
+    under torchrun; checkpointed into `resume`, a common.pipeline.resume.ResumeState; each solved linear passed to
+    `on_quantized`); leaves every quantizer on.  With --export the rotation has no online R3/R4 (plain model)."""
+    from common.quant.act_quant import set_act_quant
+    from common.pipeline.driver import quantize_blocks
+
+    if rotation is not None:
+        rotation.apply(model, online_r4=not args.export, progress=True)  # export: a plain model, no online R4
+    llm.install_quantizers(model, act, kv)
+    layers: list[dict] = []
+    if wcfg.active:
+        inputs = llm.LayerInputs()
+        if wcfg.needs_data:
+            batches = distributed.shard(_batches(cal_samples, args.bsz))
+            inputs = llm.capture_layer_inputs(model, batches, device)
+        layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
+                                 wcfg, prepare_block=llm.make_prepare_layer(act), device=device,
+                                 offload_inputs=args.offload_inputs, desc="layer", resume=resume,
+                                 on_quantized=on_quantized)
+        del inputs
+    set_act_quant(model, True)
+    return layers
+
+
+def quant_spec(args, wcfg, act, kv) -> dict:
+    """What a saved quantized model records about its quantization (gptaq_quant.json, next to the rotation)."""
+    return {"method": method_name(args), "dtype": args.dtype, "source_model": args.model, "act_quant": act.to_dict(),
+            "kv_quant": dataclasses.asdict(kv), "weight_quant": wcfg.to_dict(), "args": vars(args).copy()}
+
+
+def quantize_streamed(args, wcfg, act, kv, cal_samples, device: torch.device, tokenizer, path: str,
+                      rotation: Rotation | None = None, block_times: list[dict] | None = None) -> list[dict]:
+    """--stream: `quantize`'s pipeline reading one decoder layer at a time from the safetensors checkpoint; the
+    quantized model is written to `path` (common.pipeline.streaming).  block_times: see
+    common.pipeline.driver.quantize_blocks."""
+    return streaming.quantize_checkpoint(
+        args.model, path, dtype=args.dtype, wcfg=wcfg, act=act, kv=kv,
+        calibration=_batches(cal_samples, args.bsz) if wcfg.needs_data else [], device=device, rotation=rotation,
+        offload_inputs=args.offload_inputs, tokenizer=tokenizer, spec=quant_spec(args, wcfg, act, kv),
+        block_times=block_times)
+
+
+def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer,
+             open_layer=None) -> tuple[dict, dict]:
+    """Perplexity (layer by layer on a GPU `device`, or read from disk layer by layer with `open_layer` (--stream);
+    whole model with --distribute or on CPU) and lm-eval (common.eval.lm_eval_runner moves the model to `device`)."""
+    from common.eval.perplexity import perplexity
+
+    placed = False
+    if args.distribute:
+        device = llm.distribute_model(model)
+        placed = True
+    ppl = {}
+    with timer.phase("perplexity"):
+        ppl[args.eval_dataset] = perplexity(model, eval_windows, bsz=args.bsz, device=device,
+                                            layerwise=not placed and device.type != "cpu", open_layer=open_layer)
+    log.info("perplexity (%s, seqlen %d): %.4f", args.eval_dataset, args.seqlen, ppl[args.eval_dataset])
+    tasks = {}
+    if args.lm_eval:
+        from common.eval.lm_eval_runner import run_lm_eval
+
+        with timer.phase("lm_eval"):
+            try:
+                tasks = run_lm_eval(model, tokenizer, args.tasks, args.lm_eval_batch_size, device,
+                                    limit=args.lm_eval_limit, include_path=args.lm_eval_include_path,
+                                    num_fewshot=args.lm_eval_num_fewshot, chat_template=args.lm_eval_chat_template)
+            except (ValueError, RuntimeError) as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                raise SystemExit(f"error: lm_eval: {str(e).splitlines()[0]}") from None
+        for task, scores in tasks.items():
+            log.info("lm-eval %s: %s", task, scores)
+    return ppl, tasks
+
+
+def check_chat_template(args, tokenizer) -> None:
+    """--lm_eval_chat_template needs a tokenizer with a chat template: say so before any long work."""
+    if args.lm_eval_chat_template:
+        try:
+            require_chat_template(tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"error: --lm_eval_chat_template: {e} ({args.load_qmodel_path or args.model})") from None
+
+
+@contextmanager
+def _data_errors():
+    """Dataset problems (unknown name, offline hub, text too short) become a one-line error."""
+    try:
+        yield
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: data: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _table_row(result: dict) -> dict:
+    q = result["quantization"]
+    row = {"model": result["model"], "method": q["method"], "rotate": q["rotate"], "W": q["w_bits"],
+           "A": q["a_bits"], "K": q["k_bits"], "V": q["v_bits"]}
+    for name, value in result["perplexity"].items():
+        row[f"ppl {name}"] = value
+    for task, value in result["lm_eval"].items():  # acc_norm, else acc, else exact_match (common.eval.lm_eval_runner)
+        row[task] = task_score(value) if isinstance(value, dict) else value
+    return row
+
+
+def export_checkpoint(model, tokenizer, args, wcfg, packed: dict) -> None:
+    """--export: the weight-only model as a GPTQ checkpoint (common.io.export) from the linears packed while solving."""
+    from common.io.export import export_gptq
+
+    path = export_gptq(model, packed, args.export, wcfg, checkpoint_format=args.export_format, tokenizer=tokenizer)
+    log.info("exported the %d-bit GPTQ checkpoint (%s format) to %s", args.w_bits, args.export_format, path)
+
+
+def _output_dir(args) -> str:
+    return args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
+
+
+def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> dict:
+    """The whole run of the parsed command line: quantize (or load with --load_qmodel_path), save / export,
+    evaluate, write results.json.  rotation: the rotation to fold (default: QuaRot's from the flags when --rotate);
+    extra: more top-level entries of results.json (e.g. SpinQuant's rotation record)."""
+    from common.data.text import get_calibration_data, get_eval_data
+
+    timer = PhaseTimer()
+    reset_peak_memory()
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    wcfg, act, kv = settings(args)
+    layers: list[dict] = []
+    open_layer = scratch = None  # --stream: reads decoder layers from disk; scratch = its temporary checkpoint
+
+    if args.load_qmodel_path:
+        src = args.load_qmodel_path
+        validate_model_config(args, llm.read_config(src, "--load_qmodel_path"))
+        spec = llm.read_quant_spec(src)
+        saved = spec.get("args", {})
+        for key in SAVED_FLAGS:  # the quantization the loaded model carries, for the record and the run name
+            if key in saved:
+                setattr(args, key, saved[key])
+        tokenizer = llm.load_tokenizer(src)
+        check_chat_template(args, tokenizer)
+        with timer.phase("data"), _data_errors():
+            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
+        with timer.phase("load"):
+            if args.stream:
+                model, open_layer, spec = streaming.open_quantized(src, device, args.dtype)
+            else:
+                model, spec = llm.load_quantized(src, args.dtype)
+        args.dtype = str(model.dtype).removeprefix("torch.")
+        quant = {"method": spec.get("method"), **{k: getattr(args, k) for k in ("w_bits", "a_bits", "k_bits",
+                                                                                   "v_bits", "rotate")}}
+        model_name = saved.get("model") or src
+    else:
+        args.dtype = args.dtype or "float16"
+        if rotation is None:
+            rotation = rotation_of(args)
+        if args.save_qmodel_path:
+            llm.check_save_target(args.save_qmodel_path)
+        validate_model_config(args, llm.read_config(args.model))
+        tokenizer = llm.load_tokenizer(args.model)
+        check_chat_template(args, tokenizer)
+        with timer.phase("data"), _data_errors():
+            cal = get_calibration_data(args.cal_dataset, tokenizer, args.nsamples, args.seqlen, args.seed) \
+                if wcfg.needs_data else []
+            eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
+        resume = None
+        if args.resume:
+            from common.pipeline.resume import ResumeState
+
+            resume = ResumeState(os.path.join(_output_dir(args), "resume"), resume_fingerprint(args, wcfg, act, kv, rotation, cal))
+            log.info("--resume: %d layer(s) already done in %s", resume.check(), resume.directory)
+        if args.stream:
+            scratch = None if args.save_qmodel_path else os.path.join(_output_dir(args), "stream_qmodel")
+            target = args.save_qmodel_path or scratch
+            with timer.phase("quantize"):
+                layers = quantize_streamed(args, wcfg, act, kv, cal, device, tokenizer, target, rotation)
+            with timer.phase("load"):
+                model, open_layer, _ = streaming.open_quantized(target, device, args.dtype)
+        else:
+            with timer.phase("load"):
+                model = llm.load_model(args.model, args.dtype)
+            if args.export:
+                from common.io.export import GPTQCollector
+
+                collector = GPTQCollector(model, llm.decoder_layers(model), args.export_format)
+            with timer.phase("quantize"):
+                layers = quantize(model, args, wcfg, act, kv, cal, device, rotation, resume,
+                                  on_quantized=collector if args.export else None)
+        del cal
+        if not distributed.is_main():  # rank 0 saves, evaluates and writes the results
+            return {"rank": distributed.rank(), "layers": layers}
+        quant = {"method": method_name(args), "w_bits": args.w_bits, "a_bits": args.a_bits, "k_bits": args.k_bits,
+                 "v_bits": args.v_bits, "rotate": args.rotate}
+        if args.save_qmodel_path and not args.stream:
+            with timer.phase("save"):
+                llm.save_quantized(model, tokenizer, args.save_qmodel_path, quant_spec(args, wcfg, act, kv))
+        if args.save_qmodel_path:
+            log.info("saved the fake-quantized model to %s", args.save_qmodel_path)
+        if args.export:
+            with timer.phase("export"):
+                export_checkpoint(model, tokenizer, args, wcfg, collector.packed)
+        model_name = args.model
+
+    try:
+        ppl, tasks = evaluate(model, tokenizer, args, eval_windows, device, timer, open_layer)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    result = {
+        "model": model_name, "run": run_name(args), "config": vars(args).copy(), "quantization": quant,
+        "seeds": {"seed": args.seed, "rotation_seed": args.rotation_seed},
+        "perplexity": ppl, "lm_eval": tasks, "layers": layers,
+        "time_s": timer.summary(), "peak_memory": peak_memory(), "device": str(device),
+        "world_size": distributed.world_size(), **(extra or {}),
+    }
+    path = write_results(_output_dir(args), result)
+    print(markdown_table([_table_row(result)], digits=3))
+    print(f"wrote {path}")
+    return result
+
+
+def run_cli(args, rotation: Rotation | None = None, extra: dict | None = None) -> dict:
+    """`run` as a front end calls it: logging, the torchrun process group (one process without torchrun), and
+    the library's errors as one line on stderr."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from common.io.export import ExportError
+    from common.pipeline.resume import ResumeError
+    from common.solver import SolverError
+
+    errors = (llm.LLMError, SolverError, ResumeError, ExportError)
+    try:
+        args.device = str(distributed.init(args.device))
+        if not distributed.is_main():
+            logging.getLogger().setLevel(logging.WARNING)
+        return run(args, rotation, extra)
+    except errors as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        distributed.shutdown()
