@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from common.cli import flags, types
-from common.cli.device import resolve_device
+from common.cli.device import device_flag
 from common.models.cayley import CayleySGD, orthogonality_error
 from common.pipeline import distributed
 from common.quant.act_quant import ActQuantizer, ActQuantLinear
@@ -307,11 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_config(config)
     except (ValueError, LLMError) as e:
         p.error(str(e).splitlines()[0])
-    try:
-        dev = resolve_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
-    a.device = str(dev)
+    dev = device_flag(p, a)
     a.dtype = a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     _check_group_sizes(p, a, config)
     return a

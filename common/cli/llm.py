@@ -125,7 +125,7 @@ def run_name(args: argparse.Namespace) -> str:
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Every check that needs no model file beyond config.json; errors through p.error (one line, exit 2)."""
     from common.data.text import check_dataset_arg
-    from common.cli.device import resolve_device
+    from common.cli.device import device_flag
     from common.models.llm import looks_like_path
 
     if a.load_qmodel_path is not None:
@@ -164,11 +164,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             check_dataset_arg(getattr(a, flag), f"--{flag}")
         except ValueError as e:
             p.error(str(e).splitlines()[0])
-    try:
-        dev = resolve_device(a.device)
-    except ValueError as e:
-        p.error(str(e))
-    a.device = str(dev)
+    dev = device_flag(p, a)
     _check_torchrun(p, a)
     _check_export(p, a)
     if a.distribute and (dev.type != "cuda" or torch.cuda.device_count() < 2):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["OneLineParser", "bits", "groupsize", "ratio", "int_at_least", "positive", "nonneg_int", "nonneg_float",
+__all__ = ["OneLineParser", "checked", "bits", "groupsize", "ratio", "int_at_least", "positive", "nonneg_int", "nonneg_float",
            "json_dict"]
 
 
@@ -17,65 +17,30 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def bits(value: str) -> int:
-    """2..8, or 16 for 'not quantized'."""
-    try:
-        b = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in 2..8 or 16, got {value!r}") from None
-    if not (2 <= b <= 8 or b == 16):
-        raise argparse.ArgumentTypeError(f"expected an integer in 2..8 or 16 (16 = not quantized), got {b}")
-    return b
-
-
-def groupsize(value: str) -> int:
-    """-1 (no groups) or a positive integer."""
-    try:
-        size = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected -1 (no groups) or a positive integer, got {value!r}") from None
-    if size != -1 and size <= 0:
-        raise argparse.ArgumentTypeError(f"expected -1 (no groups) or a positive integer, got {size}")
-    return size
-
-
-def ratio(value: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        r = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
-    if not 0.0 < r <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {r}")
-    return r
+def checked(cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: cast(value) when it parses and ok() accepts it, else an error saying `expected <expected>`."""
+    def parse(value: str) -> Any:
+        try:
+            x = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {x}")
+        return x
+    return parse
 
 
 def int_at_least(low: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer >= low, else an error saying `expected <what>`."""
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
-        return n
-    return parse
+    return checked(int, lambda n: n >= low, what)
 
 
+bits = checked(int, lambda b: 2 <= b <= 8 or b == 16, "an integer in 2..8 or 16 (16 = not quantized)")
+groupsize = checked(int, lambda s: s == -1 or s > 0, "-1 (no groups) or a positive integer")
+ratio = checked(float, lambda r: 0.0 < r <= 1.0, "a number in (0, 1]")
 positive = int_at_least(1, "a positive integer")
 nonneg_int = int_at_least(0, "an integer >= 0")
-
-
-def nonneg_float(value: str) -> float:
-    """A finite number >= 0."""
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not (0.0 <= x < math.inf):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return x
+nonneg_float = checked(float, lambda x: 0.0 <= x < math.inf, "a finite number >= 0")
 
 
 def json_dict(text: str) -> dict:

