@@ -347,7 +347,8 @@ def test_gptqmodel_loads_moe_export_with_fake_quant_perplexity(exported, env):
     assert ppl == pytest.approx(exported["ppl"], rel=1e-3)
 
 
-def test_moe_refusals(env, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--stream", "--resume"])
+def test_moe_refusals(env, tmp_path, flag):
     with pytest.raises(SystemExit) as e:
-        main(_argv(env, "mixtral", tmp_path, "--w_bits", "4", "--stream"))
-    assert "mixture-of-experts" in str(e.value.code) and "--stream" in str(e.value.code)
+        main(_argv(env, "mixtral", tmp_path, "--w_bits", "4", flag))
+    assert "mixture-of-experts" in str(e.value.code) and flag in str(e.value.code)

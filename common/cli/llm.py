@@ -285,11 +285,13 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
 
 
 def _check_moe(args: argparse.Namespace) -> None:
-    """What MoE models do not support yet: --stream (per-layer checkpoint reading of fused experts) and torchrun."""
+    """What MoE models do not support yet: --stream (per-layer checkpoint reading of fused experts), --resume and
+    torchrun."""
     from common.pipeline import distributed
 
-    if getattr(args, "stream", False):
-        raise SystemExit("error: --stream does not support mixture-of-experts models yet; run without it")
+    for flag in ("stream", "resume"):
+        if getattr(args, flag, False):
+            raise SystemExit(f"error: --{flag} does not support mixture-of-experts models yet; run without it")
     if distributed.launched():
         raise SystemExit("error: mixture-of-experts models run in one process; launch without torchrun")
 
