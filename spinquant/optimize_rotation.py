@@ -307,6 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_config(config)
     except (ValueError, LLMError) as e:
         p.error(str(e).splitlines()[0])
+    from common.models.moe import is_moe_config
+
+    if is_moe_config(config):
+        p.error(f"--model: rotation training does not support mixture-of-experts models ({config.model_type}) yet; "
+                "QuaRot's --rotate in fake_quant/main.py does")
     dev = device_flag(p, a)
     a.dtype = a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     _check_group_sizes(p, a, config)

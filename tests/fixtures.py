@@ -90,3 +90,49 @@ def make_tiny_causal_lm(arch: str, directory: str | Path, seed: int = 0, **overr
                 p.normal_(0.0, 0.02)
     model.save_pretrained(str(directory))
     return directory
+
+
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def tiny_moe_config(arch: str, vocab_size: int, **overrides):
+    """Config of a 2-layer mixture-of-experts model of family `arch` (mixtral, qwen2_moe with a shared expert,
+    qwen3_moe): 4 experts, top-2, hidden 64, expert intermediate 32 (every width a multiple of 32, for exports)."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=3, tie_word_embeddings=False, num_experts_per_tok=2)
+    if arch == "mixtral":
+        common.update(intermediate_size=32, num_local_experts=4)
+    else:
+        common.update(intermediate_size=96, moe_intermediate_size=32, num_experts=4, norm_topk_prob=True)
+    if arch == "qwen2_moe":
+        common.update(shared_expert_intermediate_size=64, qkv_bias=True)
+    if arch == "qwen3_moe":
+        common.update(head_dim=16)
+    common.update(overrides)
+    cls = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig}[arch]
+    return cls(**common)
+
+
+def make_tiny_moe_lm(arch: str, directory: str | Path, seed: int = 0, **overrides) -> Path:
+    """Random tiny MoE causal LM of family `arch` (tiny_moe_config) with non-trivial norm weights and a router
+    that spreads tokens over the experts, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tiny_tokenizer(directory)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, len(tok), **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.08 if not name.endswith("mlp.gate.weight") else 0.5)
+            else:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(str(directory))
+    return directory

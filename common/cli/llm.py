@@ -27,7 +27,8 @@ DEFAULT_TASKS = ["piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande",
 def build_parser(prog: str = "fake_quant/main.py") -> argparse.ArgumentParser:
     p = types.OneLineParser(prog=prog, description=(
         "QuaRot rotation + GPTQ / GPTAQ (GPTQv2) / RTN weight quantization with per-token activation and KV-cache "
-        "fake quantization of decoder LLMs (Llama, Qwen2/2.5, Qwen3, Mistral); WikiText-2 perplexity and "
+        "fake quantization of decoder LLMs (Llama, Qwen2/2.5, Qwen3, Mistral; MoE: Mixtral, Qwen2-MoE, Qwen3-MoE); "
+        "WikiText-2 perplexity and "
         "lm-eval zero-shot tasks."))
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub id or local directory (AutoModelForCausalLM); optional with "
@@ -49,6 +50,13 @@ def build_parser(prog: str = "fake_quant/main.py") -> argparse.ArgumentParser:
     flags.add_weight_flags(p)
     flags.add_act_flags(p, int8_down_proj=True)
     flags.add_kv_flags(p)
+
+    from common.models.moe import DEFAULT_MIN_TOKENS
+
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--moe_min_tokens", type=types.nonneg_int, default=DEFAULT_MIN_TOKENS,
+                   help="MoE models: an expert routed fewer calibration tokens than this is rounded to nearest (RTN "
+                        "on the same grid, logged, 'fallback' in results.json) instead of solved from them")
 
     g = p.add_argument_group("rotation")
     g.add_argument("--rotate", action="store_true", help="QuaRot: fuse norms, fold R1/R2, online R3/R4 Hadamards")
@@ -240,6 +248,7 @@ def _check_export(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def validate_model_config(args: argparse.Namespace, config) -> None:
     """Checks that need only config.json: supported architecture and group sizes dividing the layer widths.
     Raises SystemExit with a one-line message."""
+    from common.models import moe
     from common.models.llm import LLMError, check_config, head_dim, linear_in_features
 
     try:
@@ -255,6 +264,8 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
             if cols % size:
                 raise SystemExit(f"error: --{flag} {size} does not divide the {cols} input features of {what} "
                                  f"({config.model_type}, hidden_size {config.hidden_size})")
+    if moe.is_moe_config(config):
+        _check_moe(args)
     hd = head_dim(config)
     for flag in ("k_groupsize", "v_groupsize"):
         size = getattr(args, flag)
@@ -267,6 +278,18 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
             check_export_config(config)
         except ExportError as e:
             raise SystemExit(f"error: {e}") from None
+
+
+def _check_moe(args: argparse.Namespace) -> None:
+    """What MoE models do not support yet: --stream (per-layer checkpoint reading of fused experts), --resume and
+    torchrun."""
+    from common.pipeline import distributed
+
+    for flag in ("stream", "resume"):
+        if getattr(args, flag, False):
+            raise SystemExit(f"error: --{flag} does not support mixture-of-experts models yet; run without it")
+    if distributed.launched():
+        raise SystemExit("error: mixture-of-experts models run in one process; launch without torchrun")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,6 +10,10 @@ Packing: every run of 32 consecutive codes forms a little-endian bit stream of 3
 (code k occupies bits [k*b, (k+1)*b)); for b = 2, 4, 8 that is plain nibble/byte packing, for b = 3 codes straddle
 words.  The exported model must be a plain architecture: weight-only quantization, no online transform (rotations
 folded).  `GPTQCollector` packs each linear as the driver solves it; `export_gptq` writes the checkpoint directory.
+MoE models (`common.models.moe`): every expert's gate/up/down is its own packed linear,
+mlp.experts.<e>.gate_proj / up_proj / down_proj (the per-expert layout GPTQModel loads for Mixtral and the Qwen MoEs),
+the fused expert tensors are not written, the routers stay float16, and quantization_config lists the packed
+linears (`modules_in_block_to_quantize`, so that loaders leave the routers alone).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from common.models import moe
 from common.quant.act_quant import ActQuantLinear
 from common.solver import QuantResult, SolverConfig
 
@@ -100,8 +105,13 @@ def _linear_shapes(config) -> dict[str, tuple[int, int]]:
     hd, hidden, inter = head_dim(config), config.hidden_size, config.intermediate_size
     kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * hd
     q = config.num_attention_heads * hd
-    return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+    dense = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    if not moe.is_moe_config(config):
+        return {**shapes, **dense}
+    if "down_proj (dense layers)" in moe.linear_in_features(config):
+        shapes.update(dense)
+    return {**shapes, **moe.linear_shapes(config)}
 
 
 def check_export_config(config) -> None:
@@ -110,8 +120,13 @@ def check_export_config(config) -> None:
     for name, (out, inp) in _linear_shapes(config).items():
         if out % PACK or inp % PACK:
             raise ExportError(f"--export: {name} is [{out} x {inp}] ({config.model_type}, hidden_size "
-                              f"{config.hidden_size}, intermediate_size {config.intermediate_size}); GPTQ packing "
+                              f"{config.hidden_size}, intermediate_size {_inter(config)}); GPTQ packing "
                               f"needs in and out features that are multiples of {PACK}")
+
+
+def _inter(config) -> str:
+    moe_inter = getattr(config, "moe_intermediate_size", None)
+    return f"{config.intermediate_size}" + (f", moe_intermediate_size {moe_inter}" if moe_inter else "")
 
 
 def check_export_target(path: str | os.PathLike, flag: str = "--export") -> None:
@@ -201,7 +216,7 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
     for name, m in modules.items():
         owner = name.removesuffix(".linear") if isinstance(modules.get(name.removesuffix(".linear")),
                                                             ActQuantLinear) else name
-        if isinstance(m, nn.Linear) and owner != head_name and owner not in results:
+        if isinstance(m, nn.Linear) and owner != head_name and owner not in results and not moe.is_router(owner):
             raise ExportError(f"export: linear {owner} was not quantized; every decoder linear must be")
     tensors = {}
     for name, res in results.items():
@@ -214,9 +229,13 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
         if bias is not None:
             tensors[name]["bias"] = bias.detach().cpu().to(torch.float16)
 
+    fused = moe.fused_keys(model)  # fused expert tensors: written as their experts' packed linears instead
+    for key, names in fused.items():
+        if any(n not in tensors for n in names):
+            raise ExportError(f"export: the experts of {key} were not all quantized; every expert must be")
     state = {}
     for key, value in _plain_state(model).items():
-        if key.rpartition(".")[0] in tensors:
+        if key.rpartition(".")[0] in tensors or key in fused:
             continue
         value = value.detach().cpu()
         state[key] = value.to(torch.float16) if value.is_floating_point() else value
@@ -235,6 +254,8 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
         "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
         "lm_head": False, "meta": {"quantizer": [f"gptaq:{cfg.label}"]},
     }
+    if fused:  # MoE: which linears of a decoder layer are packed (the routers are not)
+        qcfg["modules_in_block_to_quantize"] = [sorted({n.split(".", 3)[3] for n in tensors})]
     out_dir = Path(os.path.expanduser(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -1,7 +1,9 @@
-"""Decoder-only LLMs (Llama, Qwen2/2.5, Qwen3, Mistral in transformers 5): loading, decoder layers and their inputs.
+"""Decoder-only LLMs (Llama, Qwen2/2.5, Qwen3, Mistral; the MoE Mixtral, Qwen2-MoE, Qwen3-MoE in transformers 5):
+loading, decoder layers and their inputs.
 
 A decoder layer l maps the residual stream X_l -> X_{l+1}; its linears are solved in the order
-[k, v, q] -> [o] -> [up, gate] -> [down] (each group shares one input).  `capture_layer_inputs` runs the embedding
+[k, v, q] -> [o] -> [up, gate] -> [down] (each group shares one input; an MoE block's experts as in
+`common.models.moe.mlp_groups`).  `capture_layer_inputs` runs the embedding
 on the device and records X_0 plus the keyword arguments (attention mask, position embeddings...) that each layer
 receives, so that one layer at a time can run on the device while the model stays on CPU.
 """
@@ -15,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common.models import moe
 from common.models.hadamard import OnlineHadamard
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
 
@@ -25,8 +28,9 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "look
            "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
            "make_rebuild_layer", "distribute_model", "head_dim", "install_online_hadamard"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", *moe.MOE_MODEL_TYPES)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                           *moe.MOE_ARCHITECTURES)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYER_GROUPS = (
     ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
@@ -83,6 +87,9 @@ def head_dim(config) -> int:
 
 def linear_in_features(config) -> dict[str, int]:
     """Input features of each kind of decoder linear (what a weight / activation group size must divide)."""
+    if moe.is_moe_config(config):
+        return {"q/k/v_proj, up/gate_proj": config.hidden_size,
+                "o_proj": config.num_attention_heads * head_dim(config), **moe.linear_in_features(config)}
     return {"q/k/v_proj, up/gate_proj": config.hidden_size,
             "o_proj": config.num_attention_heads * head_dim(config),
             "down_proj": config.intermediate_size}
@@ -95,7 +102,8 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float16") -> nn.Module:
-    """AutoModelForCausalLM on CPU in `dtype`, eval mode, no KV cache; raises LLMError for unsupported models."""
+    """AutoModelForCausalLM on CPU in `dtype`, eval mode, no KV cache (MoE experts as
+    `common.models.moe.RoutedExperts`); raises LLMError for unsupported models."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -103,6 +111,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float16") -> nn.Mo
     model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype,
                                                  low_cpu_mem_usage=True)
     model.config.use_cache = False
+    moe.convert_experts(model)
     return model.eval()
 
 
@@ -111,15 +120,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def sublayer_groups(layer: nn.Module) -> list[list[str]]:
-    """[k, v, q] -> [o] -> [up, gate] -> [down] (names relative to the decoder layer)."""
+    """[k, v, q] -> [o] -> [up, gate] -> [down] (names relative to the decoder layer); an MoE block's MLP part is
+    `common.models.moe.mlp_groups`."""
+    if moe.is_moe_block(layer.mlp):
+        return [list(g) for g in LAYER_GROUPS[:2]] + moe.mlp_groups(layer)
     return [list(g) for g in LAYER_GROUPS]
 
 
 def make_prepare_layer(settings: ActQuantSettings) -> Callable[[nn.Module], None]:
     """prepare_layer(layer): wrap every linear of a decoder layer in ActQuantLinear (an existing wrapper keeps its
-    online pre_transform, e.g. QuaRot's down_proj Hadamard) and give it a fresh quantizer."""
+    online pre_transform, e.g. QuaRot's down_proj Hadamard) and give it a fresh quantizer; MoE routers stay plain
+    16-bit linears, routed experts get their quantizers in `common.models.moe.prepare_experts`."""
     def prepare(layer: nn.Module) -> None:
-        for name, wrapper in wrap_linears(layer).items():
+        if moe.is_moe_block(layer.mlp):
+            moe.prepare_experts(layer, settings)
+        for name, wrapper in wrap_linears(layer, skip=moe.is_router).items():
             bits = settings.bits
             if name.endswith("down_proj") and settings.down_proj_bits is not None:
                 bits = settings.down_proj_bits
@@ -316,8 +331,11 @@ def load_quantized(path: str, dtype: str | torch.dtype | None = None) -> tuple[n
 
 def install_online_hadamard(layer: nn.Module, fp32_had: bool = False) -> None:
     """Put the online R4 (x -> x H^T) in front of one decoder layer's down_proj (wrapped in ActQuantLinear if
-    needed).  Touches no weight."""
+    needed; every down_proj of an MoE block).  Touches no weight."""
     mlp = layer.mlp
+    if moe.is_moe_block(mlp):
+        moe.install_down_transform(layer, lambda n: OnlineHadamard(n, fp32_had=fp32_had))
+        return
     down = mlp.down_proj.linear if isinstance(mlp.down_proj, ActQuantLinear) else mlp.down_proj
     transform = OnlineHadamard(down.in_features, fp32_had=fp32_had)
     if isinstance(mlp.down_proj, ActQuantLinear):

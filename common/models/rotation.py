@@ -1,9 +1,13 @@
-"""QuaRot / SpinQuant rotations folded into a decoder LLM (Llama, Qwen2, Qwen3, Mistral in transformers 5).
+"""QuaRot / SpinQuant rotations folded into a decoder LLM (Llama, Qwen2, Qwen3, Mistral; Mixtral, Qwen2-MoE, Qwen3-MoE
+in transformers 5).
 
 Norm fusion: RMSNorm(x) W^T = (x / rms(x)) (W diag(g))^T, so g moves into every linear reading the norm.  Then with
 the residual stream x -> x R1 (rms is rotation invariant) and values per head v -> v R2: embedding E R1, input-side
 weights (q, k, v, gate, up, lm_head) W R1, output-side weights (o, down) R1^T W and biases R1^T b, v_proj rows per
 head R2^T W_v (bias R2^T b_v), o_proj columns per head W_o R2.  R4: down_proj gets W H^T and an online x -> x H^T.
+MoE blocks (`common.models.moe`): every weight reading the normed stream (each expert's fused gate/up rows, the
+router, the shared expert and its gate) is input-side, every expert's and the shared expert's down_proj output-side
+and under R4; the router logits x R1 (W R1)^T = x W^T are unchanged, so is the routing.
 The network function is unchanged in exact arithmetic; outliers are spread before quantization.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.quant.act_quant import ActQuantLinear
+from common.models import moe
 from common.models.hadamard import OnlineHadamard, hadamard_transform, random_hadamard_matrix, random_orthogonal_matrix
 from common.models.llm import head_dim, install_online_hadamard
 
@@ -24,7 +29,8 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "ROTATION_MODES", "check_supported", "unti
            "rotate_layer", "install_online_hadamards", "quarot_matrices", "quarot_rotate", "Rotation",
            "rotation_record"]
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                           *moe.MOE_ARCHITECTURES)
 ROTATION_MODES = ("hadamard", "random")
 CONFIG_KEY = "gptaq_rotation"
 ORTHO_TOL = 1e-3  # max |R R^T - I| entry accepted for R1 / R2
@@ -86,12 +92,27 @@ def untie_word_embeddings(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fuse(norm: nn.Module, readers: list[nn.Module]) -> None:
+def _fuse(norm: nn.Module, readers: list[nn.Module | torch.Tensor]) -> None:
+    """W <- W diag(g) for every reader (a linear, or a weight tensor with input features last, e.g. fused experts
+    [E, out, in]), then g <- 1."""
     g = norm.weight.detach().to(torch.float64)
     for r in readers:
-        W = _linear(r).weight.data
+        W = r if isinstance(r, torch.Tensor) else _linear(r).weight.data
         W.copy_((W.to(torch.float64) * g.to(W.device)).to(W.dtype))
     norm.weight.data.fill_(1.0)
+
+
+def _mlp_readers(mlp: nn.Module) -> list[nn.Module | torch.Tensor]:
+    """The linears / weights [..., hidden] that read post_attention_layernorm's output."""
+    return moe.mlp_readers(mlp) if moe.is_moe_block(mlp) else [mlp.gate_proj, mlp.up_proj]
+
+
+def _mlp_writers(mlp: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight [hidden, in], bias) of the linears writing the MLP's output (the down_projs, R4 on their inputs)."""
+    if moe.is_moe_block(mlp):
+        return moe.mlp_writers(mlp)
+    lin = _linear(mlp.down_proj)
+    return [(lin.weight.data, None if lin.bias is None else lin.bias.data)]
 
 
 @torch.no_grad()
@@ -99,7 +120,7 @@ def fuse_layer_norms(layer: nn.Module) -> None:
     """One decoder layer's part of fuse_norms: input_layernorm -> q, k, v; post_attention_layernorm -> gate, up."""
     attn, mlp = layer.self_attn, layer.mlp
     _fuse(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-    _fuse(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    _fuse(layer.post_attention_layernorm, _mlp_readers(mlp))
 
 
 @torch.no_grad()
@@ -182,13 +203,15 @@ def rotate_layer(layer: nn.Module, R1: torch.Tensor, R2: torch.Tensor | None, *,
     and R1^T b), R2 per value head (R2^T W_v, W_o R2) and, with online_r4, W_down H^T plus the online Hadamard."""
     fuse_layer_norms(layer)
     attn, mlp = layer.self_attn, layer.mlp
-    for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-        _right(_linear(m).weight.data, R1)
-    for m in (attn.o_proj, mlp.down_proj):
-        lin = _linear(m)
-        _left_t(lin.weight.data, R1)
-        if lin.bias is not None:
-            _left_t(lin.bias.data[:, None], R1)
+    readers = [_linear(m).weight.data for m in (attn.q_proj, attn.k_proj, attn.v_proj)] + [
+        r if isinstance(r, torch.Tensor) else _linear(r).weight.data for r in _mlp_readers(mlp)]
+    for W in readers:
+        _right(W.view(-1, W.shape[-1]), R1)  # fused experts [E, out, in]: all rows at once
+    o = _linear(attn.o_proj)
+    for W, b in [(o.weight.data, None if o.bias is None else o.bias.data)] + _mlp_writers(mlp):
+        _left_t(W, R1)
+        if b is not None:
+            _left_t(b[:, None], R1)
     if R2 is not None:
         head_dim = attn.head_dim
         v, o = _linear(attn.v_proj), _linear(attn.o_proj)
@@ -197,7 +220,8 @@ def rotate_layer(layer: nn.Module, R1: torch.Tensor, R2: torch.Tensor | None, *,
             _right(v.bias.data.view(-1, head_dim), R2)
         _right(o.weight.data.view(-1, head_dim), R2)  # o columns per head: W_o,i R2
     if online_r4:
-        _transform_rows(_linear(mlp.down_proj).weight.data, hadamard_transform)  # W H^T
+        for W, _ in _mlp_writers(mlp):
+            _transform_rows(W, hadamard_transform)  # W H^T
         install_online_hadamard(layer, fp32_had=fp32_had)
 
 

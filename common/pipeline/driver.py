@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.pipeline import distributed
+from common.pipeline import distributed, routed
 from common import solver
 from common.solver import SolverConfig
 from common.quant.act_quant import ActQuantLinear, set_act_quant
@@ -239,7 +239,8 @@ def quantize_blocks(
             if asymmetric and gi == len(groups) - 1:
                 def advance_fp(b, out):
                     xfp[b] = _to(_output(out), stream_device, pin)
-            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
+            capture = routed.capture_group if routed.is_expert_group(block, group) else _capture_group
+            stats = capture(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
                 if needs_data else {}
             t1 = _now(device)
             times["capture_s"] += t1 - t0
@@ -251,12 +252,17 @@ def quantize_blocks(
                 lin = _weight_module(block.get_submodule(name))
                 W = lin.weight.data
                 acc = stats.get(name)
-                res = solver.quantize_linear(W.float(), None if acc is None else acc.H, None if acc is None else acc.dXXT,
-                                              cfg, name=f"{desc}.{i}.{name}")
+                lcfg, fallback = routed.fallback_config(cfg, acc)  # RTN for an expert with too few routed tokens
+                solved = acc is not None and fallback is None
+                res = solver.quantize_linear(W.float(), acc.H if solved else None, acc.dXXT if solved else None,
+                                              lcfg, name=f"{desc}.{i}.{name}")
                 rec = {"block": i, "name": name, "method": cfg.method, "bits": cfg.bits, "shape": list(W.shape)}
+                if fallback is not None:
+                    rec["fallback"] = fallback
                 if acc is not None:
                     rec["tokens"] = acc.nsamples
-                    rec.update(solver.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
+                    if acc.nsamples:
+                        rec.update(solver.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
                 W.copy_(res.weight.to(W.dtype))
                 rec["seconds"] = round(time.time() - t0, 4)
                 mine[name] = (rec, res if on_quantized is not None else None)
@@ -336,7 +342,7 @@ def _restore_block(resume: ResumeState, i: int, block: nn.Module, prepare_block,
 
 def _fmt(rec: dict) -> str:
     if "loss" not in rec:
-        return f"{rec['name']} done"
+        return f"{rec['name']} {rec.get('fallback', 'done')}"
     s = f"{rec['name']} loss={rec['loss']:.4g}"
     if "asym_loss" in rec:
         s += f" asym={rec['asym_loss']:.4g}"

@@ -77,6 +77,9 @@ def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, rota
     from common.quant.act_quant import set_act_quant
     from common.pipeline.driver import quantize_blocks
 
+    from common.models.moe import set_min_tokens
+
+    set_min_tokens(model, args.moe_min_tokens)
     if rotation is not None:
         rotation.apply(model, online_r4=not args.export, progress=True)  # export: a plain model, no online R4
     llm.install_quantizers(model, act, kv)
@@ -183,6 +186,14 @@ def export_checkpoint(model, tokenizer, args, wcfg, packed: dict) -> None:
     log.info("exported the %d-bit GPTQ checkpoint (%s format) to %s", args.w_bits, args.export_format, path)
 
 
+def _experts_entry(layers: list[dict]) -> dict:
+    """results.json's "experts" (MoE models): per layer and expert its routed tokens, proxy losses, fallback."""
+    from common.models.moe import expert_summary
+
+    summary = expert_summary(layers)
+    return {"experts": summary} if summary else {}
+
+
 def _output_dir(args) -> str:
     return args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
 
@@ -281,7 +292,7 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
     result = {
         "model": model_name, "run": run_name(args), "config": vars(args).copy(), "quantization": quant,
         "seeds": {"seed": args.seed, "rotation_seed": args.rotation_seed},
-        "perplexity": ppl, "lm_eval": tasks, "layers": layers,
+        "perplexity": ppl, "lm_eval": tasks, "layers": layers, **_experts_entry(layers),
         "time_s": timer.summary(), "peak_memory": peak_memory(), "device": str(device),
         "world_size": distributed.world_size(), **(extra or {}),
     }
