@@ -3,12 +3,16 @@ rotation, W4A4, 2048-token batches), measured piece by piece on one GPU.
 
 Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
   ceilings   the measured fp16 / TF32 matmul rates and the device copy bandwidth (the floors' denominators)
-  accumulate H and dXXT per 2048-token batch: the production HessianAccumulator.add against fp16 tensor-core
-             products (float32 out) and float32 chunk accumulation, with each variant's error against float64
-  act_quant  the per-token quantizer of a [2048, 4096] and a [2048, 11008] input: PyTorch code against the fused
-             Triton kernel (common.quant.act_triton), and whether they agree bit for bit
+  accumulate H and dXXT per 2048-token batch: the earlier accumulator (TF32 products, float64 sums) against
+             HessianAccumulator.add (fp16 tensor cores, float32 GEMM accumulation; dXXT "difference" / "split"),
+             each with its error against float64
+  act_quant  the per-token quantizer of [2048, 4096] and [2048, 11008] float16 / bfloat16 inputs: PyTorch code
+             against the fused Triton kernel (common.quant.act_triton), and whether they agree bit for bit
+  gil        whether a background layer read / shard write slows the main thread's kernel launches
   layer      one layer's pieces of the streamed pipeline: read from safetensors, to the GPU, rotate, quantizers,
              deep copy, write back; forwards per batch (whole layer, up to each group's inputs)
+  capture    quantize_blocks' phases on that layer (16 batches) with and without stage-wise capture
+  agreement  equal weight entries after quantizing the layer with this code's statistics and with float64 sums
   solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone
 
     python bench/profile_e2e.py --json $OUT/profile_e2e.json
@@ -38,6 +42,9 @@ from common.solver import tf32  # noqa: E402
 
 DEV = torch.device("cuda")
 SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CPU, tiny
+
+
+SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "agreement", "solve"]
 
 
 def _sync() -> None:
@@ -195,8 +202,8 @@ def layer_pieces(tmp: str) -> tuple[dict, object]:
     config = model_config(SHAPE, 1)
     ckdir = os.path.join(tmp, "ckpt")
     make_random_checkpoint(ckdir, config, torch.float16, DEV)
-    args = parse_args(["--model", ckdir, "--dtype", "float16", "--nsamples", str(NBATCH), "--seqlen", str(TOKENS), "--stream",
-                       *W4A4_ROTATED, "--gptaq"])
+    args = parse_args(["--model", ckdir, "--dtype", "float16", "--nsamples", str(NBATCH), "--seqlen", str(TOKENS),
+                       "--stream", *W4A4_ROTATED, "--gptaq"])
     wcfg, act, kv = settings(args)
     rot = Rotation.quarot(config)
     r: dict = {}
@@ -290,6 +297,42 @@ def capture(layer, inputs, wcfg) -> dict:
     return out
 
 
+def agreement(layer, inputs, wcfg) -> dict:
+    """The only change here that is not exact is how H / dXXT are summed (float32 GEMM accumulation, dXXT by
+    difference): quantize the layer with the statistics of this code and with float64 sums of float32 products
+    (the earlier path), and count equal weight entries per linear."""
+    from common.pipeline.driver import quantize_blocks
+
+    out = {}
+    for method in ("gptq", "gptaq"):
+        weights = []
+        for gemm in (True, False):
+            blk = copy.deepcopy(layer)
+            original = HessianAccumulator.__init__
+
+            def init(self, *a, _gemm=gemm, **k):
+                original(self, *a, **k)
+                if not _gemm:  # float64 sums, each batch's float32 product added (the path before this change)
+                    self._gemm = False
+                    self._S = self._S.double()
+                    self._D = None if self._D is None else self._D.double()
+
+            HessianAccumulator.__init__ = init
+            try:
+                quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                                dataclasses.replace(wcfg, method=method), device=DEV, desc="agree",
+                                stages=inputs.stages)
+            finally:
+                HessianAccumulator.__init__ = original
+            weights.append({n: driver._weight_module(blk.get_submodule(n)).weight.detach().clone()
+                            for g in llm.sublayer_groups(blk) for n in g})
+            del blk
+        out[method] = {n: float((w == weights[1][n]).float().mean()) for n, w in weights[0].items()}
+        out[method]["all"] = float(sum(int((w == weights[1][n]).sum()) for n, w in weights[0].items())
+                                   / sum(w.numel() for w in weights[0].values()))
+    return out
+
+
 def solve(layer, inputs, wcfg) -> dict:
     from common import solver
     from common.quant.weight_grid import fit_grid
@@ -318,6 +361,7 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--tmp", default="outputs/profile_e2e")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks that the script runs)")
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     a = p.parse_args()
     global DEV, SIZES, TOKENS, SHAPE
     if a.smoke:
@@ -328,15 +372,19 @@ def main() -> None:
     os.makedirs(a.tmp)
     for name, fn in (("ceilings", ceilings), ("accumulate", accumulate), ("act_quant", act_quant),
                      ("gil", lambda: gil(a.tmp))):
-        t0 = time.perf_counter()
-        res[name] = fn()
-        print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
-    res["layer"], state = layer_pieces(a.tmp)
-    print("layer", json.dumps(res["layer"], indent=1), flush=True)
-    res["capture"] = capture(*state)
-    print("capture", json.dumps(res["capture"], indent=1), flush=True)
-    res["solve"] = solve(*state)
-    print("solve", json.dumps(res["solve"], indent=1), flush=True)
+        if name in a.sections:
+            t0 = time.perf_counter()
+            res[name] = fn()
+            print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
+    if {"layer", "capture", "agreement", "solve"} & set(a.sections):
+        res["layer"], state = layer_pieces(a.tmp)
+        print("layer", json.dumps(res["layer"], indent=1), flush=True)
+        for name, fn in (("capture", capture), ("agreement", agreement), ("solve", solve)):
+            if name in a.sections:
+                res[name] = fn(*state)
+                print(name, json.dumps(res[name], indent=1), flush=True)
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1)
     shutil.rmtree(a.tmp, ignore_errors=True)
     with open(a.json, "w") as f:
         json.dump(res, f, indent=1)

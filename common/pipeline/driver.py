@@ -6,6 +6,9 @@ dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precis
 full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
 GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on
 (`quant_order` overrides either: "w_first" / "a_first", the paper's Table 6).
+With `stages` (a `common.models.stages.BlockStages` per block, e.g. a decoder layer's two residual halves) each
+group is captured from its stage's input and the streams advance stage by stage (checked bit for bit against the
+whole block on the first batch).
 Under torchrun (`common.pipeline.distributed`) each rank carries its shard of both streams, the statistics are summed over
 ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.pipeline.resume` checkpoints after
 every block.
