@@ -114,17 +114,15 @@ def accumulate() -> dict:
         r["old_err_S"], r["old_err_D"] = _rel(S64, S_ref), _rel(D64, D_ref)
         del S64, D64
         for form in hessian.DXXT_PRODUCTS:
-            hessian.DXXT_PRODUCT = form
             acc = HessianAccumulator(n, DEV, False)
             r["new_H_ms"] = 1e3 * timed(lambda: acc.add(xt))
-            acc = HessianAccumulator(n, DEV, True)
+            acc = HessianAccumulator(n, DEV, True, dxxt_product=form)
             r[f"new_HD_{form}_ms"] = 1e3 * timed(lambda: acc.add(xt, x))
-            one = HessianAccumulator(n, DEV, True)
+            one = HessianAccumulator(n, DEV, True, dxxt_product=form)
             one.add(xt, x)
             H, D = one.H.double() * (TOKENS / 2), one.dXXT.double() * (TOKENS / 2)
             r["new_err_S"], r[f"new_err_D_{form}"] = _rel(H, S_ref), _rel(D, D_ref)
             del acc, one, H, D
-        hessian.DXXT_PRODUCT = "split"
         r["gemm_accumulate_ok"] = hessian._gemm_accumulate_ok(DEV) if DEV.type == "cuda" else None
         out[n] = r
         del mix, x, xt, X, Xt, S_ref, D_ref

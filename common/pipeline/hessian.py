@@ -11,7 +11,7 @@ import torch.distributed as dist
 from common.pipeline import distributed
 from common.solver import tf32
 
-__all__ = ["HessianAccumulator", "DXXT_PRODUCTS", "DXXT_PRODUCT"]
+__all__ = ["HessianAccumulator", "DXXT_PRODUCTS"]
 
 # How CUDA forms GPTAQ's sum dX^T X~ from float16/bfloat16 activations:
 #   "difference": sum X^T X~ on fp16/bf16 tensor cores (exact products, float32 accumulation), minus the sum
@@ -20,8 +20,7 @@ __all__ = ["HessianAccumulator", "DXXT_PRODUCTS", "DXXT_PRODUCT"]
 #                 (|dX| / |X| = 0.13): 1.2e-5 (4096 columns) and 6.9e-6 (11008) against float64, where "split"
 #                 has 4.4e-6 (bench/RESULTS.md), and 3.2x / 3.3x faster per batch than "split"
 #   "split":      dX = X - X~ (float32) as TF32 hi + lo, two TF32 products with X~
-DXXT_PRODUCTS = ("difference", "split")
-DXXT_PRODUCT = "difference"
+DXXT_PRODUCTS = ("difference", "split")  # HessianAccumulator(dxxt_product=...), default "difference"
 _ALIAS_OK: dict[torch.device, bool] = {}
 
 
@@ -45,14 +44,18 @@ class HessianAccumulator:
 
     On CUDA the raw sums are float32 and each batch's product is added to them by the GEMM itself (beta = 1): from
     float16/bfloat16 activations on fp16/bf16 tensor cores (exact products, float32 accumulation; dXXT as
-    DXXT_PRODUCT says), from float32 ones in float32.  Elsewhere each batch's float32 product is added to float64
+    `dxxt_product` says, see DXXT_PRODUCTS), from float32 ones in float32.  Elsewhere each batch's float32 product is added to float64
     sums.  Either way the sums hold float32-accurate values that depend on the batch order only through rounding.
     `all_reduce()` adds the sums of every rank; the first read of H or dXXT materialises both in float32 and frees
     the sums (no more `add` after that).
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu", asymmetric: bool = False):
+    def __init__(self, columns: int, device: torch.device | str = "cpu", asymmetric: bool = False,
+                 dxxt_product: str = "difference"):
+        if dxxt_product not in DXXT_PRODUCTS:
+            raise ValueError(f"dxxt_product: expected one of {', '.join(DXXT_PRODUCTS)}, got {dxxt_product!r}")
         self.columns = columns
+        self.dxxt_product = dxxt_product
         self.nsamples = 0
         device = torch.device(device)
         self._gemm = device.type == "cuda"  # float32 sums, accumulated by the GEMMs
@@ -60,7 +63,7 @@ class HessianAccumulator:
         self._S = torch.zeros(columns, columns, dtype=dtype, device=device)
         self._D = torch.zeros(columns, columns, dtype=dtype, device=device) if asymmetric else None
         self._asymmetric = asymmetric
-        self._difference = False  # _D holds sum X^T X~ (DXXT_PRODUCT "difference"), fixed by the first add
+        self._difference = False  # _D holds sum X^T X~ (dxxt_product "difference"), fixed by the first add
         self._H: torch.Tensor | None = None
         self._dXXT: torch.Tensor | None = None
 
@@ -93,7 +96,7 @@ class HessianAccumulator:
         exact = xt.dtype in tf32.EXACT_DTYPES and (x is None or x.dtype in tf32.EXACT_DTYPES)
         half = exact and (x is None or x.dtype == xt.dtype) and _gemm_accumulate_ok(self._S.device)
         if self.nsamples == 0:
-            self._difference = half and self._D is not None and DXXT_PRODUCT == "difference"
+            self._difference = half and self._D is not None and self.dxxt_product == "difference"
         elif self._difference and not half:
             raise RuntimeError("HessianAccumulator: a float32 batch after float16/bfloat16 ones")
         if half:  # fp16/bf16 tensor cores: exact products, float32 accumulation
@@ -120,7 +123,7 @@ class HessianAccumulator:
         """An independent copy (same sums and token count) that later batches can go on adding to."""
         if self._S is None:
             raise RuntimeError("HessianAccumulator: clone() after H was read")
-        twin = HessianAccumulator(self.columns, self._S.device, self._asymmetric)
+        twin = HessianAccumulator(self.columns, self._S.device, self._asymmetric, self.dxxt_product)
         twin.nsamples, twin._difference = self.nsamples, self._difference
         twin._S.copy_(self._S)
         if self._D is not None:
