@@ -6,8 +6,11 @@ does not depend on the values) is written once as sharded safetensors to --model
 Each method then runs `common.runs.llm.quantize_streamed` (the code behind `fake_quant/main.py --stream`) on
 --nsamples random-token sequences of --seqlen tokens and the streamed perplexity on --eval_windows random windows,
 with the flags `--rotate --w_bits 4 --a_bits 4 --w_clip --a_clip_ratio 0.9 [--gptaq]`.  Reported per method:
-wall seconds of capture (H, dXXT), solve, stream forward (summed over layers by common.pipeline.driver), the rest of the
-quantization (reading, rotating and writing layers, the embedding pass), evaluation; peak GPU memory of the
+wall seconds of every phase of the quantization, summed over layers: capture (H, dXXT), solve, stream forward,
+copy (layer to the device, quantizers, GPTAQ's FP copy) and release (common.pipeline.driver); read (waiting for the
+background read of the layer), prepare (rotation, quantizers) and write (host copy, handing the shard to the
+background writer) (common.pipeline.streaming); setup (embedding / lm_head, the embedding pass, publishing);
+"other" = the rest of the wall time (unaccounted); evaluation; peak GPU memory of the
 quantization and of the evaluation next to the estimate "one decoder layer (two for GPTAQ) + the input stream(s) +
 the largest H (and dXXT)"; peak host RSS (VmHWM).  With --layers N < 32 an N-layer model of the same shapes is used
 and the per-layer phases are also extrapolated to 32 layers (keys marked "extrapolated_32").
@@ -39,6 +42,8 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=
                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
              max_position_embeddings=256, rms_norm_eps=1e-5)
+# per-layer phases (common.pipeline.driver's block_times + common.pipeline.streaming's layer I/O), summed over layers
+PHASES = ("capture_s", "solve_s", "forward_s", "read_s", "prepare_s", "copy_s", "write_s", "release_s")
 W4A4_ROTATED = ["--rotate", "--w_bits", "4", "--a_bits", "4", "--w_clip", "--a_clip_ratio", "0.9"]
 GIB = 2**30
 
@@ -147,10 +152,11 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
     qdir = os.path.join(os.path.dirname(os.path.abspath(model_dir)), f".e2e_{method}_qmodel")
     shutil.rmtree(qdir, ignore_errors=True)
     block_times: list[dict] = []
+    setup_times: dict = {}
     try:
         _reset_peak(device)
         t0 = time.perf_counter()
-        quantize_streamed(args, wcfg, act, kv, cal, device, None, qdir, rotation_of(args), block_times)
+        quantize_streamed(args, wcfg, act, kv, cal, device, None, qdir, rotation_of(args), block_times, setup_times)
         _sync(device)
         quantize_s = time.perf_counter() - t0
         peak_quantize = _peak_gib(device)
@@ -163,16 +169,17 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
         peak_eval = _peak_gib(device)
     finally:
         shutil.rmtree(qdir, ignore_errors=True)
-    phases = {k: round(sum(b[k] for b in block_times), 2) for k in ("capture_s", "solve_s", "forward_s")}
+    phases = {k: round(sum(b.get(k, 0.0) for b in block_times), 2) for k in PHASES}
+    phases["setup_s"] = round(sum(setup_times.values()), 2)
     row = {"method": method, "layers": config.num_hidden_layers, "tokens": a.nsamples * a.seqlen, **phases,
            "other_quantize_s": round(quantize_s - sum(phases.values()), 2), "quantize_s": round(quantize_s, 2),
            "eval_s": round(eval_s, 2), "peak_gpu_quantize_gib": peak_quantize, "peak_gpu_eval_gib": peak_eval,
            "estimate_gpu_gib": memory_estimate_gib(config, llm.DTYPES[a.dtype], a.nsamples, a.seqlen,
                                                    method == "gptaq", a.offload_inputs)["total"],
-           "ppl_random_model": round(ppl, 3), "block_times": block_times}
+           "ppl_random_model": round(ppl, 3), "setup_times": setup_times, "block_times": block_times}
     if config.num_hidden_layers < FULL_LAYERS and not a.smoke:
         scale = FULL_LAYERS / config.num_hidden_layers
-        row["extrapolated_32"] = {k: round(v * scale, 1) for k, v in phases.items()}
+        row["extrapolated_32"] = {k: round(v * scale, 1) for k, v in phases.items() if k != "setup_s"}
         row["extrapolated_32"]["per_layer_quantize_s"] = round(quantize_s / config.num_hidden_layers, 2)
     return row
 
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     windows = torch.randint(0, shape["vocab_size"], (a.eval_windows, a.seqlen), generator=g)
     rows = [run_method(m, a, model_dir, device, cal, windows, config) for m in a.methods]
 
-    columns = ["method", "layers", "tokens", "capture_s", "solve_s", "forward_s", "other_quantize_s", "quantize_s",
+    columns = ["method", "layers", "tokens", *PHASES, "setup_s", "other_quantize_s", "quantize_s",
                "eval_s", "peak_gpu_quantize_gib", "peak_gpu_eval_gib", "estimate_gpu_gib"]
     print(markdown_table(rows, columns))
     for r in rows:

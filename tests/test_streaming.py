@@ -255,3 +255,23 @@ def test_e2e_benchmark_smoke(tmp_path):
     assert row["ppl_random_model"] > 1 and row["eval_s"] > 0 and row["peak_gpu_quantize_gib"] is None
     assert result["memory_estimate_gib"]["gptaq"]["total"] > 0 and result["settings"]["flags"][0] == "--rotate"
     assert not list(tmp_path.glob(".e2e_*")) and (tmp_path / "model" / "model.safetensors.index.json").is_file()
+
+
+def test_shard_reader_matches_safetensors(tmp_path):
+    """streaming._read_shard (readinto, GIL released) returns exactly what safetensors' own reader does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(),
+               "c": torch.randn(2, 2, 2, generator=g).bfloat16(), "d": torch.arange(6).reshape(2, 3),
+               "e": torch.tensor(2.5), "f": torch.zeros(0, 4), "g": torch.tensor([True, False])}
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path)
+    got = streaming._read_shard(path, list(tensors))
+    with safe_open(path, framework="pt") as f:
+        for k in tensors:
+            want = f.get_tensor(k)
+            assert got[k].dtype == want.dtype and got[k].shape == want.shape and torch.equal(got[k], want), k
+    save_file({"h": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "y.safetensors"))
+    assert streaming._read_shard(str(tmp_path / "y.safetensors"), ["h"]) is None  # left to safetensors

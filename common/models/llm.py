@@ -19,6 +19,7 @@ from torch import nn
 
 from common.models import moe
 from common.models.hadamard import OnlineHadamard
+from common.models.stages import BlockStages
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "looks_like_path", "read_config",
@@ -185,6 +186,40 @@ class LayerInputs:
         args, kwargs = self.kwargs[layer.self_attn.layer_idx][x.shape[0]]
         out = layer(x, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run_stage(self, layer: nn.Module, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """One residual half of a decoder layer, as its forward computes it: stage 0 = the layer's own forward up to
+        the input of post_attention_layernorm (h1 = h + self_attn(input_layernorm(h))), stage 1 =
+        h1 + mlp(post_attention_layernorm(h1)) (the last lines of every supported decoder layer's forward)."""
+        if stage == 1:
+            return x + layer.mlp(layer.post_attention_layernorm(x))
+        return _run_to_post_attention_norm(lambda: self.run_layer(layer, x), layer)
+
+    def stages(self, layer: nn.Module) -> BlockStages:
+        """The layer's two residual halves for `common.pipeline.driver.quantize_blocks(stages=...)`:
+        [k, v, q] -> [o] in the attention half, [up, gate] -> [down] in the MLP half."""
+        groups = sublayer_groups(layer)
+        return BlockStages([groups[:2], groups[2:]], self.run_stage)
+
+
+class _AttentionHalfDone(Exception):
+    def __init__(self, h1: torch.Tensor):
+        super().__init__()
+        self.h1 = h1
+
+
+def _run_to_post_attention_norm(run: Callable[[], torch.Tensor], layer: nn.Module) -> torch.Tensor:
+    def stop(module, args):
+        raise _AttentionHalfDone(args[0])
+
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _AttentionHalfDone as done:
+        return done.h1
+    finally:
+        handle.remove()
+    raise RuntimeError("the decoder layer's forward never called post_attention_layernorm")
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precis
 full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
 GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on
 (`quant_order` overrides either: "w_first" / "a_first", the paper's Table 6).
+With `stages` (a `common.models.stages.BlockStages` per block, e.g. a decoder layer's two residual halves) each
+group is captured from its stage's input and the streams advance stage by stage (checked bit for bit against the
+whole block on the first batch).
 Under torchrun (`common.pipeline.distributed`) each rank carries its shard of both streams, the statistics are summed over
 ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.pipeline.resume` checkpoints after
 every block.
@@ -15,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -25,11 +27,12 @@ from tqdm import tqdm
 from common.pipeline import distributed, routed
 from common import solver
 from common.solver import SolverConfig
+from common.models.stages import BlockStages
 from common.quant.act_quant import ActQuantLinear, set_act_quant
 from common.pipeline.hessian import HessianAccumulator
 from common.pipeline.resume import ResumeError, ResumeState
 
-__all__ = ["quantize_blocks"]
+__all__ = ["quantize_blocks", "BlockStages"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,7 @@ def quantize_blocks(
     on_quantized: Callable[[int, str, solver.QuantResult], None] | None = None,
     resume: ResumeState | None = None,
     block_times: list[dict] | None = None,
+    stages: Callable[[nn.Module], BlockStages | None] | None = None,
 ) -> list[dict]:
     """Quantize `blocks` in place, one at a time on `device` (each goes back to its original device afterwards).
 
@@ -190,8 +194,12 @@ def quantize_blocks(
     saved streams.
     Under torchrun, `inputs` is this rank's shard of the calibration batches (`common.pipeline.distributed.shard`); every
     rank ends with the same weights.
-    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s"} is appended per quantized block: wall
-    seconds spent capturing H / dXXT, solving (incl. proxy losses), and advancing the streams (CUDA synchronized).
+    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s", "copy_s", "release_s"} is appended per
+    quantized block: wall seconds spent capturing H / dXXT, solving (incl. proxy losses), advancing the streams,
+    before the first capture (to the device, quantizers, GPTAQ's FP copy) and after the last forward (checkpoint,
+    back home, CUDA cache emptied); CUDA synchronized.
+    stages(block): optional `BlockStages` of the block (None: none): each group is then captured from its stage's
+    input and the streams advance stage by stage (less forward work, same results; see BlockStages).
     Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
     "seconds"}; proxy losses are from `common.solver.proxy_loss` (none for RTN, which runs no calibration).
     """
@@ -216,6 +224,7 @@ def quantize_blocks(
         if i < start:
             _restore_block(resume, i, block, prepare_block, cfg.acts_during_capture, on_quantized)
             continue
+        t_block = _now(device)
         home = _block_device(block)
         block.to(device)
         if prepare_block is not None:
@@ -231,57 +240,44 @@ def quantize_blocks(
             set_act_quant(fp_block, False)
         block_records, block_results = [], {}
         times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
+        times["copy_s"] = _now(device) - t_block  # to the device, quantizers, GPTAQ's full-precision copy
         groups = sublayer_groups(block)
-        for gi, group in enumerate(groups):
-            t0 = _now(device)
-            # GPTAQ: the last group's capture runs the FP block to its end and advances the FP stream
-            advance_fp = None
-            if asymmetric and gi == len(groups) - 1:
-                def advance_fp(b, out):
-                    xfp[b] = _to(_output(out), stream_device, pin)
-            capture = routed.capture_group if routed.is_expert_group(block, group) else _capture_group
-            stats = capture(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
-                if needs_data else {}
-            t1 = _now(device)
-            times["capture_s"] += t1 - t0
-            mine = {}
-            for j, name in enumerate(group):
-                if distributed.owner(j) != distributed.rank():
-                    continue
-                t0 = time.time()
-                lin = _weight_module(block.get_submodule(name))
-                W = lin.weight.data
-                acc = stats.get(name)
-                lcfg, fallback = routed.fallback_config(cfg, acc)  # RTN for an expert with too few routed tokens
-                solved = acc is not None and fallback is None
-                res = solver.quantize_linear(W.float(), acc.H if solved else None, acc.dXXT if solved else None,
-                                              lcfg, name=f"{desc}.{i}.{name}")
-                rec = {"block": i, "name": name, "method": cfg.method, "bits": cfg.bits, "shape": list(W.shape)}
-                if fallback is not None:
-                    rec["fallback"] = fallback
-                if acc is not None:
-                    rec["tokens"] = acc.nsamples
-                    if acc.nsamples:
-                        rec.update(solver.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
-                W.copy_(res.weight.to(W.dtype))
-                rec["seconds"] = round(time.time() - t0, 4)
-                mine[name] = (rec, res if on_quantized is not None else None)
-            del stats
-            for name, (rec, res) in _share_solved(block, group, mine).items():
-                block_records.append(rec)
-                if on_quantized is not None:
-                    on_quantized(i, name, res)
-                    if resume is not None:
-                        block_results[name] = res
-            times["solve_s"] += _now(device) - t1
         t0 = _now(device)
-        with torch.no_grad():
-            for b in range(len(xq)):  # (the FP stream advanced during the last group's capture)
-                xq[b] = _to(_output(run_block(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
+        plan = _plan(block, groups, stages, run_block, xq[0] if xq else None, device)
+        times["capture_s"] += _now(device) - t0
+        for si, stage_groups in enumerate(plan.groups):
+            def run_stage(blk, x, si=si):
+                return plan.run(blk, si, x)
+
+            for gi, group in enumerate(stage_groups):
+                t0 = _now(device)
+                # GPTAQ: the stage's last group's capture runs the FP stage to its end and advances the FP stream
+                advance_fp = None
+                if asymmetric and gi == len(stage_groups) - 1:
+                    def advance_fp(b, out):
+                        xfp[b] = _to(_output(out), stream_device, pin)
+                capture = routed.capture_group if routed.is_expert_group(block, group) else _capture_group
+                stats = capture(block, fp_block, group, xq, xfp, run_stage, device, asymmetric,
+                                advance_fp) if needs_data else {}
+                t1 = _now(device)
+                times["capture_s"] += t1 - t0
+                mine = {name: _solve_linear(block, name, stats.get(name), cfg, i, desc, on_quantized is not None)
+                        for j, name in enumerate(group) if distributed.owner(j) == distributed.rank()}
+                del stats
+                for name, (rec, res) in _share_solved(block, group, mine).items():
+                    block_records.append(rec)
+                    if on_quantized is not None:
+                        on_quantized(i, name, res)
+                        if resume is not None:
+                            block_results[name] = res
+                times["solve_s"] += _now(device) - t1
+            t0 = _now(device)
+            with torch.no_grad():  # the quantized stream through this stage (the FP stream advanced during capture)
+                for b in range(len(xq)):
+                    xq[b] = _to(_output(run_stage(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
+            times["forward_s"] += _now(device) - t0
         del fp_block
-        times["forward_s"] += _now(device) - t0
-        if block_times is not None:
-            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
+        t_end = _now(device)
         records.extend(block_records)
         if resume is not None:
             resume.save_block(i, {r["name"]: _weight_module(block.get_submodule(r["name"])).weight
@@ -291,9 +287,57 @@ def quantize_blocks(
         block.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if block_times is not None:
+            times["release_s"] = _now(device) - t_end  # checkpoint (--resume), back home, cache emptied
+            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
         if distributed.is_main():
             log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
     return records
+
+
+def _solve_linear(block: nn.Module, name: str, acc: HessianAccumulator | None, cfg: SolverConfig, i: int, desc: str,
+                  keep_result: bool) -> tuple[dict, solver.QuantResult | None]:
+    """Solve one linear of the block in place from its statistics: (record, QuantResult if keep_result)."""
+    t0 = time.time()
+    W = _weight_module(block.get_submodule(name)).weight.data
+    lcfg, fallback = routed.fallback_config(cfg, acc)  # RTN for an expert with too few routed tokens
+    solved = acc is not None and fallback is None
+    res = solver.quantize_linear(W.float(), acc.H if solved else None, acc.dXXT if solved else None,
+                                 lcfg, name=f"{desc}.{i}.{name}")
+    rec = {"block": i, "name": name, "method": cfg.method, "bits": cfg.bits, "shape": list(W.shape)}
+    if fallback is not None:
+        rec["fallback"] = fallback
+    if acc is not None:
+        rec["tokens"] = acc.nsamples
+        if acc.nsamples:
+            rec.update(solver.proxy_loss(W.float(), res.weight, acc.H, acc.dXXT))
+    W.copy_(res.weight.to(W.dtype))
+    rec["seconds"] = round(time.time() - t0, 4)
+    return rec, (res if keep_result else None)
+
+
+def _plan(block: nn.Module, groups: list[list[str]], stages: Callable[[nn.Module], BlockStages | None] | None,
+          run_block: Callable, x0: torch.Tensor | None, device: torch.device) -> BlockStages:
+    """The block's stages, if `stages` gives some that hold `groups` in order and compute what run_block computes
+    (checked on x0, bit for bit); otherwise one stage: the whole block."""
+    whole = BlockStages([groups], lambda blk, s, x: _output(run_block(blk, x)))
+    plan = stages(block) if stages is not None and x0 is not None else None
+    if plan is None:
+        return whole
+    if [g for stage in plan.groups for g in stage] != groups:
+        raise ValueError(f"stages hold the groups {plan.groups}, expected {groups} in that order")
+    if not _stages_agree(block, plan, run_block, x0.to(device, non_blocking=True)):
+        log.warning("the block's stages do not reproduce its forward bit for bit; capturing from the block input")
+        return whole
+    return plan
+
+
+@torch.no_grad()
+def _stages_agree(block: nn.Module, plan: BlockStages, run_block: Callable, x: torch.Tensor) -> bool:
+    want = _output(run_block(block, x))
+    for s in range(len(plan.groups)):
+        x = plan.run(block, s, x)
+    return want.shape == x.shape and bool(torch.equal(want, x))
 
 
 def _now(device: torch.device) -> float:

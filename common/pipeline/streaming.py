@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -79,11 +81,50 @@ class SafetensorsCheckpoint:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
-            with _open_shard(os.path.join(self.directory, file)) as f:
-                for k in keys:
-                    t = f.get_tensor(k)
-                    out[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+            path = os.path.join(self.directory, file)
+            tensors = _read_shard(path, keys)
+            if tensors is None:  # a dtype _read_shard does not know: safetensors' own reader
+                with _open_shard(path) as f:
+                    tensors = {k: f.get_tensor(k) for k in keys}
+            for k, t in tensors.items():
+                out[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
         return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_shard(path: str, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors `keys` of one safetensors file (8-byte little-endian header size, JSON header, then the bytes
+    at each tensor's data_offsets), read with readinto straight into fresh tensors: private memory, one copy, and
+    the GIL released while reading, so a background read does not stall the thread launching GPU work.
+    None if a tensor has a dtype not listed in _SAFETENSORS_DTYPES."""
+    with open(path, "rb", buffering=0) as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        out = {}
+        for k in keys:
+            info = header[k]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                return None
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            if t.numel() * t.element_size() != end - start:
+                raise llm.LLMError(f"{path}: tensor {k} has {end - start} bytes for shape {info['shape']}")
+            if end > start:
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.seek(8 + size + start)
+                done = 0
+                while done < len(view):
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise llm.LLMError(f"{path}: the file ends inside tensor {k}")
+                    done += got
+            out[k] = t
+    return out
 
 
 def _open_shard(path: str):
@@ -99,7 +140,12 @@ def _open_shard(path: str):
 
 class CheckpointWriter:
     """A sharded safetensors checkpoint written shard by shard into a hidden sibling of `path`; `finish` adds the
-    index, config, tokenizer and quantization record and renames it into place, `abort` deletes it."""
+    index, config, tokenizer and quantization record and renames it into place, `abort` deletes it.
+
+    `write` takes its own copies of the tensors (CUDA tensors: a device copy, moved to host memory by the
+    background thread on a side stream) and returns; the file is written by that background thread (one shard in
+    flight: the next `write`, `finish` and `abort` wait for it, and raise its error), so the host copy and the disk
+    write overlap the caller's next layer."""
 
     def __init__(self, path: str, nshards: int):
         self.path = os.path.abspath(os.path.expanduser(path))
@@ -107,22 +153,36 @@ class CheckpointWriter:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
         self.nshards, self.weight_map, self.total_size = nshards, {}, 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: Future | None = None
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         k = len(set(self.weight_map.values())) + 1
         if k > self.nshards:
             raise RuntimeError(f"CheckpointWriter: more than the {self.nshards} announced shards")
         name = f"model-{k:05d}-of-{self.nshards:05d}.safetensors"
-        tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-        save_file(tensors, os.path.join(self.tmp, name), metadata={"format": "pt"})
+        # own copies: the caller may free or change its tensors as soon as this returns
+        tensors = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in tensors.items()}
+        ready = None
+        if any(t.is_cuda for t in tensors.values()):
+            ready = torch.cuda.Event()
+            ready.record()  # the copies' values are queued before this point of the caller's stream
+        self._wait()
+        self._pending = self._pool.submit(_save_shard, tensors, ready, os.path.join(self.tmp, name))
         for n, t in tensors.items():
             self.weight_map[n] = name
             self.total_size += t.numel() * t.element_size()
+        del tensors
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def finish(self, config, tokenizer=None, spec: dict | None = None) -> str:
         """Publish the checkpoint (spec None: a plain checkpoint without gptaq_quant.json); returns its path."""
+        self._wait()
+        self._pool.shutdown()
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         with open(os.path.join(self.tmp, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
@@ -135,7 +195,25 @@ class CheckpointWriter:
         return self.path
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the shard is being discarded anyway
+            pass
+        self._pool.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None, path: str) -> None:
+    """(CheckpointWriter's background thread) tensors to host memory, CUDA ones on a side stream after `ready`,
+    then one safetensors file."""
+    from safetensors.torch import save_file
+
+    if ready is not None:
+        stream = torch.cuda.Stream(device=next(t.device for t in tensors.values() if t.is_cuda))
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            tensors = {n: t.to("cpu") for n, t in tensors.items()}  # synchronous: done before the copies are freed
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -166,9 +244,19 @@ def checkpoint_names(module: nn.Module, prefix: str = "") -> dict[str, str]:
 
 def load_module(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dtype: torch.dtype) -> None:
     """Give every parameter of `module` (e.g. on the meta device) its tensor from `ckpt` (CPU, `dtype`)."""
+    _assign(module, _read_module(module, prefix, ckpt, dtype))
+
+
+def _read_module(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{parameter name in `module`: its tensor in `ckpt`} (CPU, `dtype`); touches no module state."""
     names = checkpoint_names(module, prefix)
     tensors = ckpt.read(list(names.values()), dtype)
-    module.load_state_dict({n: tensors[k] for n, k in names.items()}, strict=False, assign=True)
+    return {n: tensors[k] for n, k in names.items()}
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    module.load_state_dict(state, strict=False, assign=True)
 
 
 def release_module(module: nn.Module) -> None:
@@ -216,23 +304,51 @@ def _outer_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class LayerStream:
     """The decoder layers of a skeleton model, one at a time: iterating yields layer i read from `ckpt` (CPU) and
     passed through `prepare(i, layer)`; when the consumer asks for layer i + 1, `finish(i, layer)` runs and layer i
-    is released.  For a consumer that is done with a layer when it asks for the next (`quantize_blocks`)."""
+    is released.  For a consumer that is done with a layer when it asks for the next (`quantize_blocks`).
+    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more).
+    `times[i]` = {"block", "read_s" (waiting for the read), "prepare_s", "write_s" (finish + release)}: wall
+    seconds, CUDA synchronized."""
 
     def __init__(self, model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
                  prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None]):
         self.layers, self.ckpt, self.dtype = llm.decoder_layers(model), ckpt, dtype
         self.prepare, self.finish = prepare, finish
+        self.times: list[dict] = []
 
     def __len__(self) -> int:
         return len(self.layers)
 
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        return _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
+
     def __iter__(self) -> Iterator[nn.Module]:
-        for i, layer in enumerate(self.layers):
-            load_module(layer, f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
-            self.prepare(i, layer)
-            yield layer
-            self.finish(i, layer)
-            release_module(layer)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
+        try:
+            ahead = pool.submit(self._read, 0) if len(self.layers) else None
+            for i, layer in enumerate(self.layers):
+                t0 = time.perf_counter()
+                state = ahead.result()
+                ahead = pool.submit(self._read, i + 1) if i + 1 < len(self.layers) else None
+                t1 = time.perf_counter()
+                _assign(layer, state)
+                del state
+                self.prepare(i, layer)
+                t2 = _synced()
+                yield layer
+                t3 = _synced()
+                self.finish(i, layer)
+                release_module(layer)
+                self.times.append({"block": i, "read_s": round(t1 - t0, 4), "prepare_s": round(t2 - t1, 4),
+                                   "write_s": round(_synced() - t3, 4)})
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _synced() -> float:
+    """perf_counter after queued CUDA work has finished (phase timing)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -242,13 +358,17 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtype, wcfg, act: llm.ActQuantSettings,
                         kv, calibration: list[torch.Tensor], device: torch.device | str,
                         rotation: Rotation | None = None, offload_inputs: bool = False, tokenizer=None,
-                        spec: dict | None = None, block_times: list[dict] | None = None) -> list[dict]:
+                        spec: dict | None = None, block_times: list[dict] | None = None,
+                        setup_times: dict | None = None) -> list[dict]:
     """fake_quant's pipeline (rotation, KV / activation quantizers, layer-by-layer weight solve) on the safetensors
     checkpoint in `model_dir`, one decoder layer in host memory at a time; the quantized model is written to
     `out_dir` (sharded safetensors + config + tokenizer + gptaq_quant.json holding `spec`).
 
     wcfg: `common.solver.SolverConfig`; kv: `common.models.kv_quant.KVQuantConfig`; calibration: token-id batches
-    [bsz, seqlen] (may be empty when the method needs no data).  block_times: see `quantize_blocks`.
+    [bsz, seqlen] (may be empty when the method needs no data).  block_times: see `quantize_blocks`; each block's
+    entry also gets the layer's read_s / prepare_s / write_s (`LayerStream.times`).  setup_times: if given, gets the
+    wall seconds outside the layers: "outer_s" (embedding, norm, lm_head: read, rotate, write), "embed_s" (the
+    calibration batches through the embedding), "publish_s" (the last shard, index and config).
     Returns the per-linear records of `quantize_blocks`.
     """
     from common.pipeline.driver import quantize_blocks
@@ -267,7 +387,9 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             raise llm.LLMError(str(e)) from None
         R1, R2s = R1.to(device), [None if r is None else r.to(device) for r in R2s]  # float64 math on `device`
     writer = CheckpointWriter(out_dir, nshards=1 + len(llm.decoder_layers(model)))
+    setup = {}
     try:
+        t0 = _synced()
         _load_outer(model, ckpt, dtype)
         if rotation is not None:
             outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
@@ -277,6 +399,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             for m in outer:
                 m.to("cpu")
         writer.write(_outer_state(model))
+        setup["outer_s"] = _synced() - t0
 
         def prepare(i: int, layer: nn.Module) -> None:
             layer.to(device)
@@ -288,19 +411,30 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             params = dict(layer.named_parameters())
             writer.write({k: params[n] for n, k in checkpoint_names(layer, f"{LAYERS_PREFIX}{i}.").items()})
 
+        t0 = _synced()
         inputs = llm.LayerInputs()
         if wcfg.needs_data:
             inputs = llm.capture_layer_inputs(model, calibration, device)
-        records = quantize_blocks(LayerStream(model, ckpt, dtype, prepare, finish), inputs.inputs, inputs.run_layer,
-                                  llm.sublayer_groups, wcfg, prepare_block=llm.make_prepare_layer(act),
-                                  device=device, offload_inputs=offload_inputs, desc="layer",
-                                  block_times=block_times)
+        setup["embed_s"] = _synced() - t0
+        stream = LayerStream(model, ckpt, dtype, prepare, finish)
+        records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
+                                  prepare_block=llm.make_prepare_layer(act), device=device,
+                                  offload_inputs=offload_inputs, desc="layer", block_times=block_times,
+                                  stages=inputs.stages)
         del inputs
+        if block_times is not None:
+            io = {t["block"]: t for t in stream.times}
+            for entry in block_times:
+                entry.update({k: v for k, v in io.get(entry["block"], {}).items() if k != "block"})
+        t0 = time.perf_counter()
         if rotation is not None:
             setattr(model.config, "gptaq_rotation",
                     rotation_record(rotation.mode, rotation.seed, True, rotation.fp32_had))
         model.config.dtype = dtype
         writer.finish(model.config, tokenizer, dict(spec or {}))
+        setup["publish_s"] = time.perf_counter() - t0
+        if setup_times is not None:
+            setup_times.update({k: round(v, 4) for k, v in setup.items()})
     except BaseException:
         writer.abort()
         raise

@@ -6,12 +6,14 @@ grid of `common.quant.grid` on that range.  The KV cache uses the same `ActQuant
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from common.quant import act_triton
 from common.quant.grid import check_bits, fake_quantize, grid_params
 
 __all__ = ["ActQuantSettings", "ActQuantizer", "ActQuantLinear", "wrap_linears", "set_act_quant"]
@@ -46,6 +48,7 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"clip ratio must be in (0, 1], got {clip_ratio}")
         self.bits, self.sym, self.clip_ratio, self.groupsize = bits, sym, clip_ratio, groupsize
         self.enabled = True
+        self.fused = True  # use common.quant.act_triton where it applies (False: always the PyTorch code)
 
     @property
     def active(self) -> bool:
@@ -55,9 +58,12 @@ class ActQuantizer(nn.Module):
         if not self.active:
             return x
         shape, dtype = x.shape, x.dtype
+        if self.groupsize > 0 and shape[-1] % self.groupsize:
+            raise ValueError(f"activation group size {self.groupsize} does not divide {shape[-1]} channels")
+        columns = self.groupsize if self.groupsize > 0 else shape[-1]
+        if self.fused and act_triton.available(x, columns):  # the same values, one kernel (act_triton)
+            return act_triton.fake_quantize_rows(x, columns, self.bits, self.sym, self.clip_ratio)
         if self.groupsize > 0:
-            if shape[-1] % self.groupsize:
-                raise ValueError(f"activation group size {self.groupsize} does not divide {shape[-1]} channels")
             x = x.reshape(*shape[:-1], shape[-1] // self.groupsize, self.groupsize)
         xf = x.float()
         zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
@@ -101,13 +107,38 @@ class ActQuantLinear(nn.Module):
         return self.linear.out_features
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input the weight actually sees: pre_transform then quantizer."""
+        """The input the weight actually sees: pre_transform then quantizer (shared with the other linears that
+        read the same tensor, see `_quantize_shared`)."""
         if self.pre_transform is not None:
             x = self.pre_transform(x)
-        return self.quantizer(x)
+        return _quantize_shared(self.quantizer, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.quantized_input(x))
+
+
+class _LastQuantized:
+    """The most recent (input, setting) -> output of `_quantize_shared`: one entry, the input held weakly."""
+
+    input: weakref.ref | None = None
+    key: tuple | None = None
+    output: torch.Tensor | None = None
+
+
+def _quantize_shared(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """quantizer(x), computed once when consecutive linears read the same tensor with the same setting (q/k/v_proj,
+    up/gate_proj): they get the same result object.  Exact: the quantizer is a deterministic function of x's
+    values, and the memo holds only while x is the same, unmodified tensor (identity and `_version`).  One entry
+    (at most one activation kept alive), and only without autograd; otherwise every call computes its own."""
+    if not quantizer.active or torch.is_grad_enabled():
+        return quantizer(x)
+    key = (x._version, quantizer.bits, quantizer.sym, quantizer.clip_ratio, quantizer.groupsize, quantizer.fused)
+    last = _LastQuantized
+    if last.input is None or last.input() is not x or last.key != key:
+        last.input, last.key, last.output = None, None, None  # free the old output before computing the new one
+        last.output = quantizer(x)
+        last.input, last.key = weakref.ref(x), key
+    return last.output
 
 
 def wrap_linears(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, ActQuantLinear]:

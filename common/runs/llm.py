@@ -92,7 +92,7 @@ def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, rota
         layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
                                  wcfg, prepare_block=llm.make_prepare_layer(act), device=device,
                                  offload_inputs=args.offload_inputs, desc="layer", resume=resume,
-                                 on_quantized=on_quantized)
+                                 on_quantized=on_quantized, stages=inputs.stages)
         del inputs
     set_act_quant(model, True)
     return layers
@@ -105,15 +105,16 @@ def quant_spec(args, wcfg, act, kv) -> dict:
 
 
 def quantize_streamed(args, wcfg, act, kv, cal_samples, device: torch.device, tokenizer, path: str,
-                      rotation: Rotation | None = None, block_times: list[dict] | None = None) -> list[dict]:
+                      rotation: Rotation | None = None, block_times: list[dict] | None = None,
+                      setup_times: dict | None = None) -> list[dict]:
     """--stream: `quantize`'s pipeline reading one decoder layer at a time from the safetensors checkpoint; the
     quantized model is written to `path` (common.pipeline.streaming).  block_times: see
-    common.pipeline.driver.quantize_blocks."""
+    common.pipeline.driver.quantize_blocks and common.pipeline.streaming.quantize_checkpoint (setup_times)."""
     return streaming.quantize_checkpoint(
         args.model, path, dtype=args.dtype, wcfg=wcfg, act=act, kv=kv,
         calibration=_batches(cal_samples, args.bsz) if wcfg.needs_data else [], device=device, rotation=rotation,
         offload_inputs=args.offload_inputs, tokenizer=tokenizer, spec=quant_spec(args, wcfg, act, kv),
-        block_times=block_times)
+        block_times=block_times, setup_times=setup_times)
 
 
 def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer,

@@ -1,0 +1,392 @@
+"""Where a decoder layer's quantization time goes (bench/e2e_llm.py's setting: Llama-2-7B shapes, float16, QuaRot
+rotation, W4A4, 2048-token batches), measured piece by piece on one GPU.
+
+Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
+  ceilings   the measured fp16 / TF32 matmul rates and the device copy bandwidth (the floors' denominators)
+  accumulate H and dXXT per 2048-token batch: the earlier accumulator (TF32 products, float64 sums) against
+             HessianAccumulator.add (fp16 tensor cores, float32 GEMM accumulation; dXXT "difference" / "split"),
+             each with its error against float64
+  act_quant  the per-token quantizer of [2048, 4096] and [2048, 11008] float16 / bfloat16 inputs: PyTorch code
+             against the fused Triton kernel (common.quant.act_triton), and whether they agree bit for bit
+  gil        whether a background layer read / shard write slows the main thread's kernel launches
+  layer      one layer's pieces of the streamed pipeline: read from safetensors, to the GPU, rotate, quantizers,
+             deep copy, write back; forwards per batch (whole layer, up to each group's inputs)
+  capture    quantize_blocks' phases on that layer (16 batches) with and without stage-wise capture
+  agreement  equal weight entries after quantizing the layer with this code's statistics and with float64 sums
+  solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone
+
+    python bench/profile_e2e.py --json $OUT/profile_e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.e2e_llm import LLAMA2_7B, SMOKE, W4A4_ROTATED, make_random_checkpoint, model_config  # noqa: E402
+from common.cli.llm import parse_args, settings  # noqa: E402
+from common.models import llm  # noqa: E402
+from common.pipeline import driver, streaming  # noqa: E402
+from common.pipeline.hessian import HessianAccumulator  # noqa: E402
+from common.quant.act_quant import ActQuantizer, set_act_quant  # noqa: E402
+from common.solver import tf32  # noqa: E402
+
+DEV = torch.device("cuda")
+SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CPU, tiny
+
+
+SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "agreement", "solve"]
+
+
+def _sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def ceilings() -> dict:
+    m = 8192 if DEV.type == 'cuda' else 256
+    a = torch.randn(m, m, device=DEV, dtype=torch.float16)
+    t16 = timed(lambda: a @ a, 10)
+    af = a.float()
+    with tf32.tf32(True):
+        t32 = timed(lambda: af @ af, 10)
+    big = torch.empty(2**28 if DEV.type == 'cuda' else 2**20, device=DEV, dtype=torch.float32)
+    tc = timed(lambda: big.clone(), 10)
+    return {"fp16_tflops": 2 * m**3 / t16 / 1e12, "tf32_tflops": 2 * m**3 / t32 / 1e12,
+            "copy_gbps": 2 * big.numel() * 4 / tc / 1e9}
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+def _old_add(S64: torch.Tensor, D64: torch.Tensor | None, xt16: torch.Tensor, x16: torch.Tensor | None) -> None:
+    """The accumulator before this change: TF32 products of the float32 copies, added to float64 sums."""
+    xt = xt16.float()
+    with tf32.tf32(True):
+        S64.add_(xt.t() @ xt)
+        if D64 is not None:
+            hi, lo = tf32.split(x16.float() - xt)
+            D64.add_(torch.addmm(hi.t() @ xt, lo.t(), xt))
+
+
+def accumulate() -> dict:
+    from common.pipeline import hessian
+
+    out = {}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = ActQuantizer(bits=4, clip_ratio=0.9)
+    for n in SIZES:
+        mix = torch.randn(n, n, device=DEV, generator=g) / n**0.5 + torch.eye(n, device=DEV)
+        x = (torch.randn(TOKENS, n, device=DEV, generator=g) @ mix).half()  # full-precision input
+        xt = q(x + 0.05 * torch.randn(TOKENS, n, device=DEV, generator=g).half())  # quantized stream, A4
+        X, Xt = x.double(), xt.double()
+        S_ref, D_ref = Xt.t() @ Xt, (X - Xt).t() @ Xt
+        r = {"rel_dx": float((X - Xt).norm() / X.norm())}
+        S64 = torch.zeros(n, n, device=DEV, dtype=torch.float64)
+        D64 = torch.zeros_like(S64)
+        r["old_H_ms"] = 1e3 * timed(lambda: _old_add(S64, None, xt, None))
+        r["old_HD_ms"] = 1e3 * timed(lambda: _old_add(S64, D64, xt, x))
+        S64.zero_(), D64.zero_()
+        _old_add(S64, D64, xt, x)
+        r["old_err_S"], r["old_err_D"] = _rel(S64, S_ref), _rel(D64, D_ref)
+        del S64, D64
+        for form in hessian.DXXT_PRODUCTS:
+            acc = HessianAccumulator(n, DEV, False)
+            r["new_H_ms"] = 1e3 * timed(lambda: acc.add(xt))
+            acc = HessianAccumulator(n, DEV, True, dxxt_product=form)
+            r[f"new_HD_{form}_ms"] = 1e3 * timed(lambda: acc.add(xt, x))
+            one = HessianAccumulator(n, DEV, True, dxxt_product=form)
+            one.add(xt, x)
+            H, D = one.H.double() * (TOKENS / 2), one.dXXT.double() * (TOKENS / 2)
+            r["new_err_S"], r[f"new_err_D_{form}"] = _rel(H, S_ref), _rel(D, D_ref)
+            del acc, one, H, D
+        r["gemm_accumulate_ok"] = hessian._gemm_accumulate_ok(DEV) if DEV.type == "cuda" else None
+        out[n] = r
+        del mix, x, xt, X, Xt, S_ref, D_ref
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def gil(tmp: str) -> dict:
+    """Does a background read / shard write stall the main thread's kernel launches (the GIL)?  Main thread:
+    a loop of 3000 tiny launches, alone and while a thread reads or writes a 7B layer's worth of tensors."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    n = 4096 if DEV.type == "cuda" else 64
+    tensors = {f"t{i}": torch.randn(n * (11008 if DEV.type == "cuda" else 96) // 4096, n).half() for i in range(7)}
+    path = os.path.join(tmp, "gil.safetensors")
+    save_file(tensors, path)
+    ckpt = streaming.SafetensorsCheckpoint.__new__(streaming.SafetensorsCheckpoint)
+    ckpt.directory, ckpt.files = tmp, {k: "gil.safetensors" for k in tensors}
+    x = torch.zeros(1, device=DEV)
+
+    def launches():
+        for _ in range(3000):
+            x.add_(1)
+
+    r = {"launch_loop_alone_ms": 1e3 * timed(launches, 5)}
+    for label, work in (("read", lambda: ckpt.read(list(tensors), torch.float16)),
+                        ("write", lambda: save_file(tensors, path + ".w"))):
+        t0 = time.perf_counter()
+        work()
+        r[f"{label}_alone_s"] = time.perf_counter() - t0
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                work()
+
+        th = threading.Thread(target=loop)
+        th.start()
+        time.sleep(0.05)
+        r[f"launch_loop_during_{label}_ms"] = 1e3 * timed(launches, 5)
+        stop.set()
+        th.join()
+    return r
+
+
+def act_quant() -> dict:
+    out = {}
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for n, dtype in [(n, d) for n in SIZES for d in (torch.float16, torch.bfloat16)]:
+        x = (torch.randn(TOKENS, n, device=DEV, generator=g) * torch.rand(n, device=DEV, generator=g) * 3).to(dtype)
+        r = {}
+        for label, kw in (("asym", dict(bits=4, clip_ratio=0.9)), ("sym", dict(bits=4, sym=True)),
+                          ("g32", dict(bits=4, groupsize=32, clip_ratio=0.9)), ("a8", dict(bits=8)),
+                          ("kv_g128", dict(bits=4, groupsize=32 if DEV.type == "cpu" else 128, clip_ratio=0.95))):
+            q = ActQuantizer(**kw)
+            q.fused = False
+            ref = q(x)
+            t_torch = timed(lambda: q(x), 10)
+            q.fused = True
+            got = q(x)
+            r[label] = {"torch_ms": 1e3 * t_torch, "fused_ms": 1e3 * timed(lambda: q(x), 10),
+                        "bitwise_equal": bool(torch.equal(got, ref)),
+                        "mismatches": int((got != ref).sum())}
+        out[f"{n}_{str(dtype).split('.')[-1]}"] = r
+    return out
+
+
+def layer_pieces(tmp: str) -> tuple[dict, object]:
+    """One streamed layer's pieces, as common.pipeline.streaming.quantize_checkpoint runs them."""
+    from common.models.rotation import Rotation, check_rotations, rotate_embeddings, rotate_layer
+
+    config = model_config(SHAPE, 1)
+    ckdir = os.path.join(tmp, "ckpt")
+    make_random_checkpoint(ckdir, config, torch.float16, DEV)
+    args = parse_args(["--model", ckdir, "--dtype", "float16", "--nsamples", str(NBATCH), "--seqlen", str(TOKENS),
+                       "--stream", *W4A4_ROTATED, "--gptaq"])
+    wcfg, act, kv = settings(args)
+    rot = Rotation.quarot(config)
+    r: dict = {}
+    ckpt = streaming.SafetensorsCheckpoint(ckdir)
+    model = streaming.build_skeleton(config, torch.float16)
+    R1, R2s = check_rotations(model, rot.R1, rot.R2)
+    R1, R2s = R1.to(DEV), [x.to(DEV) for x in R2s]
+    streaming._load_outer(model, ckpt, torch.float16)
+    outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
+    for m in outer:
+        m.to(DEV)
+    rotate_embeddings(model, R1)
+    for m in outer:
+        m.to("cpu")
+    layer = llm.decoder_layers(model)[0]
+    prefix = f"{streaming.LAYERS_PREFIX}0."
+    names = streaming.checkpoint_names(layer, prefix)
+    t0 = time.perf_counter()
+    tensors = ckpt.read(list(names.values()), torch.float16)
+    r["read_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layer.load_state_dict({n: tensors[k] for n, k in names.items()}, strict=False, assign=True)
+    del tensors
+    layer.to(DEV)
+    _sync()
+    r["to_device_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rotate_layer(layer, R1, R2s[0], online_r4=True, fp32_had=False)
+    _sync()
+    r["rotate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.install_layer_quantizers(layer, act, kv)
+    llm.make_prepare_layer(act)(layer)
+    _sync()
+    r["quantizers_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fp = copy.deepcopy(layer)
+    _sync()
+    r["deepcopy_s"] = time.perf_counter() - t0
+    del fp
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randint(0, SHAPE['vocab_size'], (1, TOKENS), generator=g) for _ in range(NBATCH)]
+    inputs = llm.capture_layer_inputs(model, cal, DEV)
+    xs = inputs.inputs
+    fwd = {}
+    with torch.no_grad():
+        for acts in (False, True):
+            set_act_quant(layer, acts)
+            fwd[f"layer_acts_{acts}_ms"] = 1e3 * timed(lambda: [inputs.run_layer(layer, x) for x in xs], 3) / len(xs)
+            for gi, group in enumerate(llm.sublayer_groups(layer)):
+                rec = driver._GroupRecorder(layer, group, lambda n, x: None)
+                fwd[f"to_group{gi}_acts_{acts}_ms"] = 1e3 * timed(
+                    lambda: [rec.run(inputs.run_layer, layer, x) for x in xs], 3) / len(xs)
+                rec.remove()
+        for m in layer.modules():
+            if isinstance(m, ActQuantizer):
+                m.fused = False
+        fwd["layer_acts_True_unfused_ms"] = 1e3 * timed(lambda: [inputs.run_layer(layer, x) for x in xs], 3) / len(xs)
+        for m in layer.modules():
+            if isinstance(m, ActQuantizer):
+                m.fused = True
+    r["forward_per_batch"] = fwd
+    writer = streaming.CheckpointWriter(os.path.join(tmp, "out"), nshards=2)
+    params = dict(layer.named_parameters())
+    t0 = time.perf_counter()
+    cpu = {k: params[n].detach().cpu() for n, k in streaming.checkpoint_names(layer, prefix).items()}
+    r["to_host_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.write(cpu)
+    r["write_s"] = time.perf_counter() - t0
+    writer.abort()
+    return r, (layer, inputs, wcfg)
+
+
+def capture(layer, inputs, wcfg) -> dict:
+    """quantize_blocks on the layer (a copy each time) with and without stages: the driver's phases."""
+    from dataclasses import replace
+
+    from common.pipeline.driver import quantize_blocks
+
+    out = {}
+    for method in ("gptq", "gptaq"):
+        for staged in (False, True):
+            blk = copy.deepcopy(layer)
+            times: list[dict] = []
+            quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                            replace(wcfg, method=method), device=DEV, desc="profile", block_times=times,
+                            stages=inputs.stages if staged else None)
+            out[f"{method}_{'staged' if staged else 'whole'}"] = times[0]
+            del blk
+    return out
+
+
+def agreement(layer, inputs, wcfg) -> dict:
+    """The only change here that is not exact is how H / dXXT are summed (float32 GEMM accumulation, dXXT by
+    difference): quantize the layer with the statistics of this code and with float64 sums of float32 products
+    (the earlier path), and count equal weight entries per linear."""
+    from common.pipeline.driver import quantize_blocks
+
+    out = {}
+    for method in ("gptq", "gptaq"):
+        weights = []
+        for gemm in (True, False):
+            blk = copy.deepcopy(layer)
+            original = HessianAccumulator.__init__
+
+            def init(self, *a, _gemm=gemm, **k):
+                original(self, *a, **k)
+                if not _gemm:  # float64 sums, each batch's float32 product added (the path before this change)
+                    self._gemm = False
+                    self._S = self._S.double()
+                    self._D = None if self._D is None else self._D.double()
+
+            HessianAccumulator.__init__ = init
+            try:
+                quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                                dataclasses.replace(wcfg, method=method), device=DEV, desc="agree",
+                                stages=inputs.stages)
+            finally:
+                HessianAccumulator.__init__ = original
+            weights.append({n: driver._weight_module(blk.get_submodule(n)).weight.detach().clone()
+                            for g in llm.sublayer_groups(blk) for n in g})
+            del blk
+        out[method] = {n: float((w == weights[1][n]).float().mean()) for n, w in weights[0].items()}
+        out[method]["all"] = float(sum(int((w == weights[1][n]).sum()) for n, w in weights[0].items())
+                                   / sum(w.numel() for w in weights[0].values()))
+    return out
+
+
+def solve(layer, inputs, wcfg) -> dict:
+    from common import solver
+    from common.quant.weight_grid import fit_grid
+
+    out = {}
+    set_act_quant(layer, True)
+    for group in llm.sublayer_groups(layer):
+        stats = driver._capture_group(layer, copy.deepcopy(layer), group, inputs.inputs, inputs.inputs,
+                                      inputs.run_layer, DEV, True)
+        for name in group[:1]:
+            W = driver._weight_module(layer.get_submodule(name)).weight.data.float()
+            acc = stats[name]
+            H, D = acc.H, acc.dXXT
+            r = {"shape": list(W.shape)}
+            r["fit_grid_mse_s"] = timed(lambda: fit_grid(W, 4, False, True), 3)
+            for method in ("gptq", "gptaq"):
+                cfg = dataclasses.replace(wcfg, method=method)
+                r[f"{method}_s"] = timed(lambda: solver.quantize_linear(W, H, D, cfg), 3)
+            r["proxy_loss_s"] = timed(lambda: solver.proxy_loss(W, W, H, D), 3)
+            out[name] = r
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--tmp", default="outputs/profile_e2e")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks that the script runs)")
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    a = p.parse_args()
+    global DEV, SIZES, TOKENS, SHAPE
+    if a.smoke:
+        DEV, SIZES, TOKENS, SHAPE = torch.device("cpu"), (64, 96), 64, SMOKE
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__}
+    shutil.rmtree(a.tmp, ignore_errors=True)
+    os.makedirs(a.tmp)
+    for name, fn in (("ceilings", ceilings), ("accumulate", accumulate), ("act_quant", act_quant),
+                     ("gil", lambda: gil(a.tmp))):
+        if name in a.sections:
+            t0 = time.perf_counter()
+            res[name] = fn()
+            print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
+    if {"layer", "capture", "agreement", "solve"} & set(a.sections):
+        res["layer"], state = layer_pieces(a.tmp)
+        print("layer", json.dumps(res["layer"], indent=1), flush=True)
+        for name, fn in (("capture", capture), ("agreement", agreement), ("solve", solve)):
+            if name in a.sections:
+                res[name] = fn(*state)
+                print(name, json.dumps(res[name], indent=1), flush=True)
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1)
+    shutil.rmtree(a.tmp, ignore_errors=True)
+    with open(a.json, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Fused per-token activation quantizer: one Triton kernel per call instead of ~12 PyTorch passes.
+
+For each row x (a token, or a group of `groupsize` channels) it computes, in float32 and in the same order as
+`common.quant.act_quant.ActQuantizer`'s PyTorch code, xmin = c min(min(x), 0), xmax = c max(max(x), 0), the grid
+of `common.quant.grid.grid_params` and x^ = s (clamp(round(x / s) + z, 0, maxq) - z), cast back to x's dtype.
+Division is IEEE (div_rn), rounding half to even, min / max are exact in any order and nothing is contracted
+into an FMA; a division by the Python numbers maxq (asymmetric) or 2^(b-1) - 1 (symmetric) is, as PyTorch's CUDA
+kernels do it, a product with the float32 reciprocal (RECIP; PyTorch on CPU divides), so the output equals the
+PyTorch quantizer's on the same device bit for bit (tests/test_act_quant_fused.py checks it under
+TRITON_INTERPRET=1; bench/profile_e2e.py on the GPU).  The row is read once and written once.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: ActQuantizer keeps its PyTorch code
+    triton = None
+
+__all__ = ["available", "fake_quantize_rows"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MAX_COLUMNS = 16384  # one row in registers
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def available(x: torch.Tensor, columns: int) -> bool:
+    """Whether the kernel can take x (rows of `columns` entries)."""
+    return (triton is not None and (x.is_cuda or (INTERPRET and x.device.type == "cpu")) and x.dtype in _DTYPES
+            and 0 < columns <= _MAX_COLUMNS and x.numel() > 0 and x.numel() % columns == 0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fake_quant_rows(X, Y, rows, cols, clip, maxq, half, inv_div, SYM: tl.constexpr, RECIP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        rmask = r < rows
+        mask = rmask[:, None] & (c[None, :] < cols)
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        xmin = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0) * clip
+        xmax = tl.maximum(tl.max(tl.where(mask, x, -float("inf")), axis=1), 0.0) * clip
+        if SYM:
+            amax = tl.maximum(tl.maximum(tl.abs(xmin), xmax), 1e-5)
+            if RECIP:
+                scale = amax * inv_div
+            else:
+                scale = tl.math.div_rn(amax, half - 1.0)
+            zero = tl.zeros_like(scale) + half
+        else:
+            dead = (xmin == 0.0) & (xmax == 0.0)
+            xmin = tl.where(dead, -1.0, xmin)
+            xmax = tl.where(dead, 1.0, xmax)
+            if RECIP:
+                scale = (xmax - xmin) * inv_div
+            else:
+                scale = tl.math.div_rn(xmax - xmin, maxq)
+            t = tl.math.div_rn(-xmin, scale)
+            zero = (t + 12582912.0) - 12582912.0  # round half to even (|t| < 2^22)
+        t = tl.math.div_rn(x, scale[:, None])
+        t = (t + 12582912.0) - 12582912.0  # |x / s| <= maxq / clip: far below 2^22
+        q = tl.minimum(tl.maximum(t + zero[:, None], 0.0), maxq)
+        y = scale[:, None] * (q - zero[:, None])
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def fake_quantize_rows(x: torch.Tensor, columns: int, bits: int, sym: bool, clip_ratio: float) -> torch.Tensor:
+    """x (any shape, numel a multiple of `columns`) fake-quantized per row of `columns` consecutive entries;
+    same dtype and shape as x.  Call only where `available(x, columns)`."""
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    rows = xc.numel() // columns
+    block_c = triton.next_power_of_2(columns)
+    block_r = max(1, min(64, 2048 // block_c))
+    warps = 8 if block_c >= 4096 else 4
+    divisor = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
+    inv_div = float(np.float32(1.0) / np.float32(divisor))  # PyTorch CUDA: x / scalar = x * (1 / scalar), float32
+    _fake_quant_rows[(triton.cdiv(rows, block_r),)](
+        xc, y, rows, columns, float(clip_ratio), float(2**bits - 1), float(2 ** (bits - 1)), inv_div, SYM=sym,
+        RECIP=x.is_cuda, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return y.view(x.shape)
