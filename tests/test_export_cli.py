@@ -143,19 +143,25 @@ def test_reference_loader_gives_fake_quant_perplexity(exported, env):
     assert ppl == pytest.approx(exported["ppl"], rel=1e-3)
 
 
-def test_transformers_gptqmodel_loads_export_with_fake_quant_perplexity(exported, env, monkeypatch):
+def gptqmodel_load(directory: Path, bits: int, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """AutoModelForCausalLM.from_pretrained through transformers' GPTQ integration (optimum + gptqmodel, its pure
-    PyTorch kernel on CPU; torch.compile of its dequantizer is switched off to keep the test fast)."""
+    PyTorch kernel on CPU); skips the test where either package is missing."""
     pytest.importorskip("optimum")
     pytest.importorskip("gptqmodel")
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        exported["dir"], dtype=torch.float16, device_map="cpu",
-        quantization_config=GPTQConfig(bits=exported["bits"], backend="gptq_torch"))
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map="cpu",
+                                                 quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"))
     assert type(model.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel")
-    ppl = _perplexity(model, env)
+    return model
+
+
+def test_transformers_gptqmodel_loads_export_with_fake_quant_perplexity(exported, env):
+    """Reloaded with gptqmodel (torch.compile of its dequantizer switched off to keep the test fast: through
+    torch's own config.patch, which restores the setting; monkeypatch.setattr deletes it on undo), the export gives
+    the fake-quant perplexity."""
+    with torch._dynamo.config.patch(disable=True):
+        ppl = _perplexity(gptqmodel_load(exported["dir"], exported["bits"]), env)
     assert ppl == pytest.approx(exported["ppl"], rel=1e-3)
 
 
@@ -185,7 +191,7 @@ def _refused(argv, capsys) -> str:
     (["--w_bits", "4", "--int8_down_proj"], "weight-only"),
     (["--w_bits", "16"], "--export needs --w_bits in 2, 3, 4, 8"),
     (["--w_bits", "5"], "--export needs --w_bits in 2, 3, 4, 8"),
-    (["--w_bits", "4", "--stream"], "--stream"),
+    (["--w_bits", "4", "--export_dtype", "float32"], "--export_dtype"),
 ])
 def test_export_refusals(env, tmp_path, capsys, no_load, extra, expect):
     assert expect in _refused(_argv(env, tmp_path, *extra, "--export", str(tmp_path / "q")), capsys)

@@ -131,7 +131,7 @@ def test_bad_inputs(env, tmp_path):
         f.unlink()
     with pytest.raises(SystemExit, match="neither model.safetensors nor"):
         main(_argv(env, broken, tmp_path / "o", *rtn))
-    for extra in (["--lm_eval"], ["--distribute"], ["--resume"], ["--export", str(tmp_path / "gptq")]):
+    for extra in (["--lm_eval"], ["--distribute"], ["--resume"]):
         with pytest.raises(SystemExit) as e:
             main(_argv(env, "llama", tmp_path / "o", "--stream", *extra))
         assert e.value.code == 2
