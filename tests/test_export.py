@@ -138,8 +138,8 @@ def test_export_unwraps_fake_quant_model_and_drops_tied_head(tmp_path):
     from safetensors.torch import load_file
 
     model, collector = _tiny_wrapped(tmp_path, tie_word_embeddings=True)
-    assert set(collector.packed) == {f"model.layers.{i}.{n}" for i in range(2) for g in llm.LAYER_GROUPS for n in g}
-    out = export_gptq(model, collector.packed, tmp_path / "q", SolverConfig(bits=4, group_size=32, sym=True))
+    assert set(collector.grids) == {f"model.layers.{i}.{n}" for i in range(2) for g in llm.LAYER_GROUPS for n in g}
+    out = export_gptq(model, collector.grids, tmp_path / "q", SolverConfig(bits=4, group_size=32, sym=True))
     sd = load_file(str(out / "model.safetensors"))
     assert not [k for k in sd if ".linear." in k] and "lm_head.weight" not in sd
     assert sd["model.layers.1.self_attn.k_proj.qweight"].shape == (64 * 4 // 32, 32)
@@ -162,18 +162,18 @@ def test_export_refusals(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
-        export_gptq(model, collector.packed, tmp_path / "full", **kw)
-    partial = dict(collector.packed)
+        export_gptq(model, collector.grids, tmp_path / "full", **kw)
+    partial = dict(collector.grids)
     partial.pop("model.layers.0.mlp.down_proj")
     with pytest.raises(ExportError, match="model.layers.0.mlp.down_proj was not quantized"):
         export_gptq(model, partial, tmp_path / "q1", **kw)
     add_kv_quantization(model, KVQuantConfig(k_bits=4))
     with pytest.raises(ExportError, match="KV-cache"):
-        export_gptq(model, collector.packed, tmp_path / "q2", **kw)
+        export_gptq(model, collector.grids, tmp_path / "q2", **kw)
     add_kv_quantization(model, KVQuantConfig())
     install_online_hadamards(model)
     with pytest.raises(ExportError, match="online transform"):
-        export_gptq(model, collector.packed, tmp_path / "q3", **kw)
+        export_gptq(model, collector.grids, tmp_path / "q3", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "src"]  # nothing half-written
     check_export_config(LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                     num_key_value_heads=3))  # SmolLM2-135M: fine

@@ -143,19 +143,25 @@ def test_reference_loader_gives_fake_quant_perplexity(exported, env):
     assert ppl == pytest.approx(exported["ppl"], rel=1e-3)
 
 
-def test_transformers_gptqmodel_loads_export_with_fake_quant_perplexity(exported, env, monkeypatch):
+def gptqmodel_load(directory: Path, bits: int, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """AutoModelForCausalLM.from_pretrained through transformers' GPTQ integration (optimum + gptqmodel, its pure
-    PyTorch kernel on CPU; torch.compile of its dequantizer is switched off to keep the test fast)."""
+    PyTorch kernel on CPU); skips the test where either package is missing."""
     pytest.importorskip("optimum")
     pytest.importorskip("gptqmodel")
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        exported["dir"], dtype=torch.float16, device_map="cpu",
-        quantization_config=GPTQConfig(bits=exported["bits"], backend="gptq_torch"))
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map="cpu",
+                                                 quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"))
     assert type(model.model.layers[0].mlp.down_proj).__module__.startswith("gptqmodel")
-    ppl = _perplexity(model, env)
+    return model
+
+
+def test_transformers_gptqmodel_loads_export_with_fake_quant_perplexity(exported, env):
+    """Reloaded with gptqmodel (torch.compile of its dequantizer switched off to keep the test fast: through
+    torch's own config.patch, which restores the setting; monkeypatch.setattr deletes it on undo), the export gives
+    the fake-quant perplexity."""
+    with torch._dynamo.config.patch(disable=True):
+        ppl = _perplexity(gptqmodel_load(exported["dir"], exported["bits"]), env)
     assert ppl == pytest.approx(exported["ppl"], rel=1e-3)
 
 
@@ -185,7 +191,7 @@ def _refused(argv, capsys) -> str:
     (["--w_bits", "4", "--int8_down_proj"], "weight-only"),
     (["--w_bits", "16"], "--export needs --w_bits in 2, 3, 4, 8"),
     (["--w_bits", "5"], "--export needs --w_bits in 2, 3, 4, 8"),
-    (["--w_bits", "4", "--stream"], "--stream"),
+    (["--w_bits", "4", "--export_dtype", "float32"], "--export_dtype"),
 ])
 def test_export_refusals(env, tmp_path, capsys, no_load, extra, expect):
     assert expect in _refused(_argv(env, tmp_path, *extra, "--export", str(tmp_path / "q")), capsys)
@@ -204,3 +210,110 @@ def test_export_refuses_nonempty_dir_and_unpackable_dims(env, tmp_path, capsys, 
     argv[argv.index("--model") + 1] = str(odd)
     msg = _refused(argv, capsys)
     assert "--export" in msg and "gate_proj is [80 x 64]" in msg and "multiples of 32" in msg
+
+
+# ------------------------------------------------------------------- export at any size, export dtype
+
+
+def _checkpoint_tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def variants(env):
+    """The same GPTAQ W4 g32 act-order rotated export three ways: in memory, --stream (each layer packed as it is
+    solved), and --load_qmodel_path --export of the saved in-memory model (nothing quantized again)."""
+    root, flags = env["root"] / "variants", ["--w_bits", "4", "--w_groupsize", "32", "--act_order", "--rotate",
+                                              "--gptaq"]
+    mem = main(_argv(env, root / "mem", *flags, "--export", str(root / "g_mem"), "--save_qmodel_path",
+                     str(root / "q_mem")))
+    st = main(_argv(env, root / "st", *flags, "--stream", "--export", str(root / "g_st")))
+    saved = main(["--load_qmodel_path", str(root / "q_mem"), "--device", "cpu", "--seqlen", "32", "--bsz", "2",
+                  "--eval_dataset", env["eval"], "--output_dir", str(root / "ev"), "--stream",
+                  "--export", str(root / "g_saved")])
+    return {"root": root, "runs": {"mem": mem, "st": st, "saved": saved}}
+
+
+def test_streamed_and_saved_exports_equal_the_in_memory_export(variants, env):
+    root = variants["root"]
+    mem, st, saved = (_checkpoint_tensors(root / g) for g in ("g_mem", "g_st", "g_saved"))
+    assert (root / "g_st" / "model.safetensors.index.json").is_file() and len(list(root.glob("g_st/*.safetensors"))) == 3
+    assert not (root / "g_mem" / "model.safetensors.index.json").exists()
+    for other in (st, saved):
+        assert set(other) == set(mem) and len(mem) > 20
+        assert all(torch.equal(mem[k], other[k]) for k in mem), [k for k in mem if not torch.equal(mem[k], other[k])]
+    configs = [json.loads((root / g / "config.json").read_text()) for g in ("g_mem", "g_st", "g_saved")]
+    assert configs[0]["quantization_config"] == configs[1]["quantization_config"] == configs[2]["quantization_config"]
+    assert all("gptaq_rotation" not in c for c in configs)
+    key = env["eval"]
+    ppl = [variants["runs"][r]["perplexity"][key] for r in ("mem", "st", "saved")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-6) and ppl[2] == pytest.approx(ppl[0], rel=1e-6)
+    assert reference_perplexity(root / "g_st", env) == pytest.approx(ppl[0], rel=1e-3)
+    assert not list(root.glob(".g_*"))  # no temporary folder left
+
+
+def reference_perplexity(directory: Path, env) -> float:
+    """reference_load for sharded checkpoints too."""
+    from safetensors.torch import save_file
+
+    tensors = _checkpoint_tensors(directory)
+    if not (directory / "model.safetensors").exists():
+        import shutil
+
+        single = directory.parent / f"{directory.name}_single"
+        shutil.copytree(directory, single, ignore=shutil.ignore_patterns("model-*", "*.index.json"))
+        save_file(tensors, str(single / "model.safetensors"))
+        directory = single
+    return _perplexity(reference_load(directory), env)
+
+
+def test_gptqmodel_loads_sharded_streamed_export(variants, env):
+    with torch._dynamo.config.patch(disable=True):
+        ppl = _perplexity(gptqmodel_load(variants["root"] / "g_st", 4), env)
+    assert ppl == pytest.approx(variants["runs"]["mem"]["perplexity"][env["eval"]], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def bf16(env):
+    out = env["root"] / "bf16"
+    argv = _argv(env, out / "run", "--w_bits", "4", "--w_groupsize", "32", "--export_dtype", "bfloat16",
+                 "--export", str(out / "gptq"), "--save_qmodel_path", str(out / "fake"))
+    argv[argv.index("--dtype") + 1] = "bfloat16"
+    return {"result": main(argv), "dir": out / "gptq", "fake": out / "fake"}
+
+
+def test_bfloat16_export_dequantizes_to_the_bfloat16_fake_quant_weights(bf16):
+    from safetensors.torch import load_file
+
+    sd, fake = load_file(str(bf16["dir"] / "model.safetensors")), load_file(str(bf16["fake"] / "model.safetensors"))
+    assert json.loads((bf16["dir"] / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for k, v in sd.items() if k.endswith((".scales", "norm.weight", "embed_tokens.weight")))
+    for i in range(2):
+        for name in LINEARS:
+            full = f"model.layers.{i}.{name}"
+            w = dequantize_checkpoint(_linear_tensors(sd, full), 4, "gptq")
+            assert torch.equal(w.bfloat16(), fake[f"{full}.weight"]), full
+
+
+def test_gptqmodel_loads_bfloat16_export(bf16, env):
+    with torch._dynamo.config.patch(disable=True):
+        ppl = _perplexity(gptqmodel_load(bf16["dir"], 4, torch.bfloat16), env)
+    assert ppl == pytest.approx(bf16["result"]["perplexity"][env["eval"]], rel=1e-2)
+
+
+def test_export_of_saved_model_refusals(env, tmp_path, capsys):
+    rtn = ["--w_bits", "4", "--w_rtn"]
+    main(_argv(env, tmp_path / "r1", *rtn, "--rotate", "--save_qmodel_path", str(tmp_path / "online")))
+    main(_argv(env, tmp_path / "r2", *rtn, "--a_bits", "8", "--save_qmodel_path", str(tmp_path / "a8")))
+    load = ["--device", "cpu", "--seqlen", "32", "--eval_dataset", env["eval"], "--output_dir", str(tmp_path / "o"),
+            "--export", str(tmp_path / "q"), "--load_qmodel_path"]
+    capsys.readouterr()  # the two runs' progress bars
+    assert "online R3/R4" in _refused([*load, str(tmp_path / "online")], capsys)
+    capsys.readouterr()
+    assert "a_bits 8" in _refused([*load, str(tmp_path / "a8")], capsys)
+    assert not (tmp_path / "q").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # lowest first: a sub-package may import itself and the ones before it, never one after it
-LAYERS = ["quant", "solver", "models", "data", "eval", "io", "pipeline", "cli", "runs"]
+LAYERS = ["quant", "solver", "models", "data", "eval", "io", "pipeline", "api", "cli", "runs"]
 FRONT_ENDS = ["fake_quant", "vit_quant", "spinquant"]
 
 

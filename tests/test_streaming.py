@@ -131,7 +131,7 @@ def test_bad_inputs(env, tmp_path):
         f.unlink()
     with pytest.raises(SystemExit, match="neither model.safetensors nor"):
         main(_argv(env, broken, tmp_path / "o", *rtn))
-    for extra in (["--lm_eval"], ["--distribute"], ["--resume"], ["--export", str(tmp_path / "gptq")]):
+    for extra in (["--lm_eval"], ["--distribute"], ["--resume"]):
         with pytest.raises(SystemExit) as e:
             main(_argv(env, "llama", tmp_path / "o", "--stream", *extra))
         assert e.value.code == 2
@@ -155,6 +155,10 @@ RUNNER = textwrap.dedent("""
     def peak_mib():  # VmHWM, not ru_maxrss: the latter starts at the forking parent's RSS
         return status_mib("VmHWM")
 
+    def reset_peak():  # VmHWM := VmRSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
     from common.models import llm
     from common.pipeline import streaming
 
@@ -169,11 +173,18 @@ RUNNER = textwrap.dedent("""
     flags = {flags!r}
     main(["--model", {warm!r}, *flags, "--output_dir", {out!r} + "/warm"])  # imports, allocator warm-up
     base = rss_mib()
-    main(["--model", {big!r}, *flags, "--output_dir", {out!r} + "/big"])
+    main(["--model", {big!r}, *flags, "--output_dir", {out!r} + "/big", "--save_qmodel_path", {out!r} + "/big_q",
+          "--export", {out!r} + "/big_gptq"])
     streamed = peak_mib()
+    reset_peak()
+    base_export = rss_mib()
+    main(["--load_qmodel_path", {out!r} + "/big_q", *flags[2:11], "--output_dir", {out!r} + "/big_ev",
+          "--export", {out!r} + "/big_gptq_saved"])
+    exported = peak_mib() - base_export
     state = llm.load_model({big!r}, "float32").state_dict()
     total = sum(float(t.sum()) for t in state.values())  # touch every weight: the harness must see a whole model
-    print(json.dumps({{"base": base, "quantized": peaks["quantized"], "streamed": streamed, "loaded": peak_mib()}}))
+    print(json.dumps({{"base": base, "quantized": peaks["quantized"], "streamed": streamed, "loaded": peak_mib(),
+                      "exported": exported}}))
 """)
 
 
@@ -202,8 +213,10 @@ def _write_big_model(directory: Path) -> int:
 def test_peak_rss_well_below_model_size(env, tmp_path):
     size_mib = _write_big_model(tmp_path / "big") / 2**20
     assert len(list((tmp_path / "big").glob("*.safetensors"))) > 3 and size_mib > 250
-    flags = ["--dtype", "float32", "--device", "cpu", "--rotate", "--w_bits", "4", "--w_rtn", "--a_bits", "4",
-             "--seqlen", "32", "--bsz", "8", "--eval_dataset", str(write_text(tmp_path / "eval.txt", 150)), "--stream"]
+    # weight-only W4 RTN with rotation: quantized, written, exported layer by layer (--stream --export), then the
+    # saved model exported again from its grids (--load_qmodel_path --export) and evaluated streaming
+    flags = ["--dtype", "float32", "--device", "cpu", "--seqlen", "32", "--bsz", "8", "--eval_dataset",
+             str(write_text(tmp_path / "eval.txt", 150)), "--stream", "--rotate", "--w_bits", "4", "--w_rtn"]
     code = RUNNER.format(repo=str(REPO), flags=flags, warm=str(env["models"]["llama"]), big=str(tmp_path / "big"),
                          out=str(tmp_path / "out"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
@@ -211,11 +224,18 @@ def test_peak_rss_well_below_model_size(env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     streamed, loaded = mem["streamed"] - mem["base"], mem["loaded"] - mem["base"]
-    print(f"model {size_mib:.0f} MiB: peak RSS growth streamed {streamed:.0f} MiB, whole-model load {loaded:.0f} MiB")
+    print(f"model {size_mib:.0f} MiB: peak RSS growth streamed + export {streamed:.0f} MiB, export of the saved "
+          f"model {mem['exported']:.0f} MiB, whole-model load {loaded:.0f} MiB")
     assert loaded > 0.9 * size_mib, mem  # a whole-model load is visible to this measurement
     assert streamed < size_mib / 4, (f"streamed quantization + evaluation grew the peak RSS by {streamed:.0f} MiB "
                                      f"for a {size_mib:.0f} MiB model", mem)
+    assert mem["exported"] < size_mib / 4, mem
     assert json.loads((tmp_path / "out" / "big" / "results.json").read_text())["quantization"]["method"] == "rtn"
+    out = tmp_path / "out"
+    assert len(list((out / "big_gptq").glob("model-*.safetensors"))) == 49  # outer + one shard per layer
+    index = json.loads((out / "big_gptq" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.47.mlp.down_proj.qweight"] == "model-00049-of-00049.safetensors"
+    assert json.loads((out / "big_gptq_saved" / "model.safetensors.index.json").read_text())["weight_map"] == index
 
 
 # ---------------------------------------------------------------------------------------------- e2e benchmark

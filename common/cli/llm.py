@@ -98,14 +98,19 @@ def build_parser(prog: str = "fake_quant/main.py") -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="checkpoint after every decoder layer in <output_dir>/resume and continue from the last "
                         "finished layer when a checkpoint of the same configuration is there")
-    from common.io.export import CHECKPOINT_FORMATS
+    from common.io.export import CHECKPOINT_FORMATS, EXPORT_DTYPES
 
     g.add_argument("--export", default=None, metavar="DIR",
                    help="also write the weight-only quantized model here as a standard GPTQ checkpoint (qweight, "
                         "qzeros, scales, g_idx; --w_bits 2/3/4/8, no activation/KV quantization; with --rotate "
-                        "R1/R2 are folded into the weights and no online Hadamard is used)")
+                        "R1/R2 are folded into the weights and no online Hadamard is used); with --stream layer "
+                        "by layer as each is solved; with --load_qmodel_path from the saved model, not quantizing "
+                        "again")
     g.add_argument("--export_format", choices=CHECKPOINT_FORMATS, default="gptq",
                    help="--export zero points: gptq (v1, stores zero - 1; most loaders) or gptq_v2 (stores zero)")
+    g.add_argument("--export_dtype", choices=EXPORT_DTYPES, default="float16",
+                   help="--export: dtype of the scales and of every non-quantized tensor (embeddings, norms, "
+                        "lm_head, biases); the solve rounds its scales to it")
     return p
 
 
@@ -115,9 +120,9 @@ def method_name(args: argparse.Namespace) -> str:
 
 
 def settings(args: argparse.Namespace) -> tuple[SolverConfig, ActQuantSettings, KVQuantConfig]:
-    """The configuration objects of the command line.  --export: scales rounded to float16 as the checkpoint
+    """The configuration objects of the command line.  --export: scales rounded to --export_dtype as the checkpoint
     stores them (bit-exact) and no online R3 (a plain model)."""
-    wcfg = flags.solver_config(args, scale_dtype="float16" if args.export else None)
+    wcfg = flags.solver_config(args, scale_dtype=args.export_dtype if args.export else None)
     kv = flags.kv_config(args, rotate_qk=args.rotate and not args.export, fp32_had=args.fp32_had)
     return wcfg, flags.act_settings(args), kv
 
@@ -210,9 +215,8 @@ def _check_stream(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--stream evaluates perplexity only (it never holds the whole model); for --"
                 f"{'lm_eval' if a.lm_eval else 'distribute'} save it with --save_qmodel_path and load that without "
                 "--stream")
-    for flag in ("resume", "export"):
-        if getattr(a, flag, None):
-            p.error(f"--stream cannot be combined with --{flag}")
+    if a.resume:
+        p.error("--stream cannot be combined with --resume")
     if distributed.launched():
         p.error("--stream runs in one process; it cannot be launched with torchrun")
 
@@ -221,13 +225,22 @@ def _check_export(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """--export writes a weight-only GPTQ checkpoint: 2/3/4/8-bit weights, nothing quantized online, a new or empty
     target directory."""
     if a.export is None:
+        for flag, default in (("export_format", "gptq"), ("export_dtype", "float16")):
+            if getattr(a, flag) != default:
+                p.error(f"--{flag} needs --export")
         return
     from common.io.export import EXPORT_BITS, ExportError, check_export_target
 
     if a.load_qmodel_path is not None:
-        p.error("--export packs the weights of a quantization run; it cannot be combined with --load_qmodel_path")
-    if a.stream:
-        p.error("--export packs the model held in memory; it cannot be combined with --stream")
+        from common.models.llm import LLMError
+        from common.pipeline.streaming import check_saved_exportable
+
+        try:
+            check_saved_exportable(a.load_qmodel_path)
+            check_export_target(a.export)
+        except (LLMError, ExportError) as e:
+            p.error(str(e))
+        return
     if a.w_bits not in EXPORT_BITS:
         p.error(f"--export needs --w_bits in {', '.join(map(str, EXPORT_BITS))}, got {a.w_bits}")
     online = [f"--{f} {getattr(a, f)}" for f in ("a_bits", "k_bits", "v_bits") if getattr(a, f) < 16]

@@ -10,6 +10,13 @@ Datasets: the hub names in `DATASETS` (need the Hugging Face Hub or its cache), 
 (split "train" for calibration, "test" then "validation" for evaluation; a single-split directory serves both).
 A local file is used whole for whichever role it is given: to keep evaluation held out, pass different files
 to calibration and evaluation (e.g. `assets/pydoc/cal.txt` and `assets/pydoc/eval.txt`).
+
+Chat / SFT data: a `.jsonl` whose rows hold `messages` (a list of {"role", "content"}) or a `prompt` and a
+`response` (rendered as one user and one assistant turn) is rendered through the tokenizer's chat template, each
+conversation tokenized on its own (the template writes its special tokens).  Calibration packs conversations:
+windows x_k are filled with whole conversations in an order shuffled by `random.Random(seed)`, each window starts
+at a conversation start and is cut at seqlen (the rest of its last conversation is dropped); evaluation cuts the
+conversations, concatenated in file order, into non-overlapping windows.
 """
 from __future__ import annotations
 
@@ -19,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DATASETS", "FILE_TYPES", "check_dataset_arg", "load_documents", "tokenize_text",
-           "get_calibration_data", "get_eval_data"]
+__all__ = ["DATASETS", "FILE_TYPES", "Conversation", "check_dataset_arg", "documents_from_rows", "load_documents",
+           "tokenize_text", "render_conversations", "calibration_windows", "evaluation_windows", "get_calibration_data", "get_eval_data"]
 
 DATASETS = ("wikitext2", "c4", "ptb")
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
@@ -29,9 +36,44 @@ C4_EVAL_WINDOWS = 256
 C4_EVAL_SEED = 0
 
 
+class Conversation(list):
+    """One chat / SFT example: its messages [{"role": ..., "content": ...}, ...] (a list; rendered through the
+    tokenizer's chat template)."""
+
+
 def _valid_choices() -> str:
     return (f"a dataset name ({', '.join(DATASETS)}), a local file ({', '.join(FILE_TYPES)}; .jsonl/.parquet "
-            f"with a 'text' field) or a local dataset directory")
+            f"with a 'text' field, .jsonl also chat rows with 'messages' or 'prompt'/'response') or a local "
+            f"dataset directory")
+
+
+def _row_document(row, where: str) -> str | Conversation:
+    """A text row {"text"} -> its string; a chat row {"messages"} or {"prompt", "response"} -> a Conversation."""
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row, dict) and "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        return Conversation({"role": m["role"], "content": m["content"]} for m in msgs)
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        return Conversation([{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["response"]}])
+    raise ValueError(f"{where}: expected a JSON object with a string field 'text', a 'messages' list, or string "
+                     "fields 'prompt' and 'response'")
+
+
+def documents_from_rows(rows, where: str = "data") -> list[str | Conversation]:
+    """Plain texts and chat rows (dicts as in a .jsonl, see the module docstring) as documents; a source is all
+    text or all chat."""
+    docs = [_row_document(r if not isinstance(r, str) else {"text": r}, f"{where}: row {i}")
+            for i, r in enumerate(rows, 1)]
+    kinds = {isinstance(d, Conversation) for d in docs}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: mixes text rows and chat rows; use one kind per source")
+    return docs
 
 
 def check_dataset_arg(value: str, flag: str = "--dataset") -> str:
@@ -85,10 +127,13 @@ def _local_documents(path: Path, split: str) -> list[str]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
-                docs.append(row["text"])
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                docs.append(_row_document(row, f"{path}:{lineno}"))
+        if len({isinstance(d, Conversation) for d in docs}) > 1:
+            raise ValueError(f"{path}: mixes text rows and chat rows; use one kind per file")
         return docs
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -100,8 +145,9 @@ def _local_documents(path: Path, split: str) -> list[str]:
     raise ValueError(f"'{path}': unsupported file type '{path.suffix}'; accepted: {', '.join(FILE_TYPES)}")
 
 
-def load_documents(name_or_path: str, split: str) -> list[str]:
-    """The documents of `split` ("train" or "test"; c4 reads its validation shard for "test")."""
+def load_documents(name_or_path: str, split: str) -> list[str | Conversation]:
+    """The documents of `split` ("train" or "test"; c4 reads its validation shard for "test"): texts, or
+    Conversations for a chat .jsonl."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got '{split}'")
     if name_or_path == "wikitext2":
@@ -156,17 +202,47 @@ def _random_document_windows(docs: list[str], tokenizer, n: int, seqlen: int, rn
     return out
 
 
-def get_calibration_data(name_or_path: str, tokenizer, nsamples: int, seqlen: int,
-                         seed: int = 0) -> list[torch.Tensor]:
-    """`nsamples` random LongTensor windows [1, seqlen] of the train text (see the module docstring)."""
+def render_conversations(tokenizer, conversations: list[Conversation], where: str = "data") -> list[torch.Tensor]:
+    """Token ids [n_k] of each conversation rendered through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: chat rows need a tokenizer with a chat template, and this tokenizer has none")
+    out = []
+    for conv in conversations:
+        text = tokenizer.apply_chat_template(list(conv), tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0].long())
+    return out
+
+
+def _conversation_windows(convs: list[torch.Tensor], n: int, seqlen: int, rng: random.Random,
+                          name: str) -> list[torch.Tensor]:
+    """Pack whole conversations, in a shuffled order, into `n` windows of seqlen tokens (module docstring)."""
+    order = list(range(len(convs)))
+    rng.shuffle(order)
+    out, buf = [], []
+    for k in order:
+        buf.append(convs[k])
+        if sum(t.numel() for t in buf) >= seqlen:
+            out.append(torch.cat(buf)[:seqlen].unsqueeze(0))
+            buf = []
+            if len(out) == n:
+                return out
+    raise ValueError(f"chat data '{name}': {len(convs)} conversations fill only {len(out)} windows of {seqlen} "
+                     f"tokens, {n} are needed; use more conversations, a smaller --nsamples or --seqlen")
+
+
+def calibration_windows(docs: list[str | Conversation], tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                        name: str = "data") -> list[torch.Tensor]:
+    """`nsamples` LongTensor windows [1, seqlen] of documents: random windows of the joined texts, or packed
+    conversations (see the module docstring)."""
     _check_sizes(nsamples, seqlen)
-    docs = load_documents(name_or_path, "train")
     rng = random.Random(seed)
-    if name_or_path == "c4":
-        return _random_document_windows(docs, tokenizer, nsamples, seqlen, rng, name_or_path)
-    ids = tokenize_text(tokenizer, _joiner(name_or_path).join(docs))
+    if docs and isinstance(docs[0], Conversation):
+        return _conversation_windows(render_conversations(tokenizer, docs, name), nsamples, seqlen, rng, name)
+    if name == "c4":
+        return _random_document_windows(docs, tokenizer, nsamples, seqlen, rng, name)
+    ids = tokenize_text(tokenizer, _joiner(name).join(docs))
     if ids.shape[1] < seqlen + 1:
-        raise _too_short(name_or_path, ids.shape[1], seqlen + 1)
+        raise _too_short(name, ids.shape[1], seqlen + 1)
     out = []
     for _ in range(nsamples):
         i = rng.randint(0, ids.shape[1] - seqlen - 1)
@@ -174,16 +250,32 @@ def get_calibration_data(name_or_path: str, tokenizer, nsamples: int, seqlen: in
     return out
 
 
-def get_eval_data(name_or_path: str, tokenizer, seqlen: int) -> torch.Tensor:
-    """Evaluation windows LongTensor [nwindows, seqlen]: non-overlapping windows of the test text, tail dropped
-    (c4: 256 random validation windows, seed 0)."""
+def get_calibration_data(name_or_path: str, tokenizer, nsamples: int, seqlen: int,
+                         seed: int = 0) -> list[torch.Tensor]:
+    """`nsamples` LongTensor windows [1, seqlen] of the train text (see the module docstring)."""
+    _check_sizes(nsamples, seqlen)
+    return calibration_windows(load_documents(name_or_path, "train"), tokenizer, nsamples, seqlen, seed,
+                               name_or_path)
+
+
+def evaluation_windows(docs: list[str | Conversation], tokenizer, seqlen: int, name: str = "data") -> torch.Tensor:
+    """LongTensor [nwindows, seqlen]: non-overlapping windows of the joined texts (or conversations), tail dropped
+    (c4: 256 random windows of its documents, seed 0)."""
     _check_sizes(None, seqlen)
-    docs = load_documents(name_or_path, "test")
-    if name_or_path == "c4":
+    if docs and isinstance(docs[0], Conversation):
+        ids = torch.cat(render_conversations(tokenizer, docs, name)).unsqueeze(0)
+    elif name == "c4":
         rng = random.Random(C4_EVAL_SEED)
-        return torch.cat(_random_document_windows(docs, tokenizer, C4_EVAL_WINDOWS, seqlen, rng, name_or_path))
-    ids = tokenize_text(tokenizer, _joiner(name_or_path).join(docs))
+        return torch.cat(_random_document_windows(docs, tokenizer, C4_EVAL_WINDOWS, seqlen, rng, name))
+    else:
+        ids = tokenize_text(tokenizer, _joiner(name).join(docs))
     n = ids.shape[1] // seqlen
     if n == 0:
-        raise _too_short(name_or_path, ids.shape[1], seqlen)
+        raise _too_short(name, ids.shape[1], seqlen)
     return ids[0, :n * seqlen].reshape(n, seqlen).clone()
+
+
+def get_eval_data(name_or_path: str, tokenizer, seqlen: int) -> torch.Tensor:
+    """Evaluation windows LongTensor [nwindows, seqlen] of the test split (`evaluation_windows`)."""
+    _check_sizes(None, seqlen)
+    return evaluation_windows(load_documents(name_or_path, "test"), tokenizer, seqlen, name_or_path)

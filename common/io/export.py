@@ -5,14 +5,18 @@ group index g_idx; W^ = s[g_idx] * (c - z[g_idx])):
     qweight  int32 [in * b / 32, out]     codes packed along the input dim,
     qzeros   int32 [groups, out * b / 32]  zero points packed along the output dim (format "gptq" stores z - 1,
                                            "gptq_v2" stores z),
-    scales   float16 [groups, out],   g_idx int32 [in],   bias float16 [out] where present.
+    scales   float16 or bfloat16 [groups, out] (the export dtype, as every non-quantized tensor),
+    g_idx    int32 [in],   bias [out] where present.
 Packing: every run of 32 consecutive codes forms a little-endian bit stream of 32*b bits cut into b int32 words
 (code k occupies bits [k*b, (k+1)*b)); for b = 2, 4, 8 that is plain nibble/byte packing, for b = 3 codes straddle
 words.  The exported model must be a plain architecture: weight-only quantization, no online transform (rotations
-folded).  `GPTQCollector` packs each linear as the driver solves it; `export_gptq` writes the checkpoint directory.
+folded).  `GPTQCollector` keeps each linear's grid (`grid_tensors`: the gptq_v2 tensors with float32 scales, format-
+and dtype-independent) as the driver solves it; `repack` turns a grid into the tensors of a format and dtype;
+`export_gptq` writes the checkpoint directory, `write_export_files` its config / tokenizer files (also used by the
+sharded writers of common.pipeline.streaming).
 MoE models (`common.models.moe`): every expert's gate/up/down is its own packed linear,
 mlp.experts.<e>.gate_proj / up_proj / down_proj (the per-expert layout GPTQModel loads for Mixtral and the Qwen MoEs),
-the fused expert tensors are not written, the routers stay float16, and quantization_config lists the packed
+the fused expert tensors are not written, the routers stay unquantized, and quantization_config lists the packed
 linears (`modules_in_block_to_quantize`, so that loaders leave the routers alone).
 """
 from __future__ import annotations
@@ -31,11 +35,14 @@ from common.models import moe
 from common.quant.act_quant import ActQuantLinear
 from common.solver import QuantResult, SolverConfig
 
-__all__ = ["ExportError", "EXPORT_BITS", "CHECKPOINT_FORMATS", "PACK", "pack_codes", "pack_linear", "check_exportable",
-           "check_export_config", "check_export_target", "GPTQCollector", "export_gptq"]
+__all__ = ["ExportError", "EXPORT_BITS", "CHECKPOINT_FORMATS", "EXPORT_DTYPES", "PACK", "pack_codes", "unpack_codes",
+           "pack_linear", "grid_tensors", "repack", "check_exportable", "check_export_config", "check_export_target",
+           "GPTQCollector", "plain_tensor", "quantization_config", "write_export_files", "export_gptq"]
 
 EXPORT_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+EXPORT_DTYPES = ("float16", "bfloat16")  # scales and every non-quantized tensor (--export_dtype)
+GRID_FORMAT = "gptq_v2"  # grid_tensors: zero points stored as they are (any zero point, 0 included)
 PACK = 32  # codes per run of `bits` int32 words: every packed dimension must be a multiple of it
 LINEAR_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -65,6 +72,21 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: int32 [K * bits / 32, N] -> int64 codes [K, N]."""
+    rows, N = packed.shape
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(rows // bits, bits, N)
+    codes = torch.zeros(rows // bits, PACK, N, dtype=torch.int64)
+    mask = 2**bits - 1
+    for k in range(PACK):
+        word, shift = divmod(k * bits, 32)
+        c = words[:, word] >> shift
+        if shift + bits > 32:
+            c = c | (words[:, word + 1] << (32 - shift))
+        codes[:, k] = c & mask
+    return codes.reshape(rows // bits * PACK, N)
+
+
 def check_exportable(name: str, result: QuantResult, checkpoint_format: str) -> None:
     """Raise an ExportError naming the layer if `result` cannot be written in the requested GPTQ layout."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
@@ -80,9 +102,15 @@ def check_exportable(name: str, result: QuantResult, checkpoint_format: str) -> 
                           "use --export_format gptq_v2 or symmetric weights (drop --w_asym)")
 
 
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def pack_linear(result: QuantResult, bias: torch.Tensor | None, checkpoint_format: str = "gptq",
-                name: str = "layer") -> dict[str, torch.Tensor]:
-    """The GPTQ tensors of one linear layer: qweight, qzeros, scales, g_idx (and bias)."""
+                name: str = "layer", dtype: str | torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one linear layer: qweight, qzeros, scales, g_idx (and bias); scales and bias in
+    `dtype`."""
+    dtype = _torch_dtype(dtype)
     check_exportable(name, result, checkpoint_format)
     zeros = result.zeros.round().to(torch.int64).cpu()
     if checkpoint_format == "gptq":
@@ -90,13 +118,28 @@ def pack_linear(result: QuantResult, bias: torch.Tensor | None, checkpoint_forma
     tensors = {
         "qweight": pack_codes(result.codes.cpu().t().contiguous(), result.bits),
         "qzeros": pack_codes(zeros.contiguous(), result.bits).t().contiguous(),
-        "scales": result.scales.cpu().t().contiguous().to(torch.float16),
+        "scales": result.scales.cpu().t().contiguous().to(dtype),
         "g_idx": result.g_idx.cpu().to(torch.int32).contiguous(),
     }
     if bias is not None:
-        tensors["bias"] = bias.detach().cpu().to(torch.float16).contiguous()
+        tensors["bias"] = bias.detach().cpu().to(dtype).contiguous()
     return tensors
 
+
+def grid_tensors(result: QuantResult, name: str = "layer") -> dict[str, torch.Tensor]:
+    """What a linear's export needs, independent of format and dtype: its gptq_v2 tensors with float32 scales
+    (bits/8 bytes per weight).  A saved fake-quant model keeps them (common.models.llm.GRID_DIR) for a later export."""
+    return pack_linear(result, None, GRID_FORMAT, name, torch.float32)
+
+
+def repack(grid: dict[str, torch.Tensor], bits: int, checkpoint_format: str = "gptq", name: str = "layer",
+           dtype: str | torch.dtype = torch.float16, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors in `checkpoint_format` and `dtype` of a linear kept as `grid_tensors`."""
+    codes = unpack_codes(grid["qweight"], bits).t()
+    zeros = unpack_codes(grid["qzeros"].t().contiguous(), bits).float()
+    result = QuantResult(weight=None, codes=codes, scales=grid["scales"].float().t(), zeros=zeros,
+                         g_idx=grid["g_idx"], perm=None, bits=bits, sym=False, group_size=-1)
+    return pack_linear(result, bias, checkpoint_format, name, dtype)
 
 def _linear_shapes(config) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each decoder linear of a Llama-style config."""
@@ -139,19 +182,27 @@ def check_export_target(path: str | os.PathLike, flag: str = "--export") -> None
 
 
 class GPTQCollector:
-    """`on_quantized` callback of `common.pipeline.driver.quantize_blocks`: checks and packs every solved linear at once
-    (a bad layer stops the run at its first block; only the packed tensors, bits/8 bytes per weight, are kept).
+    """`on_quantized` callback of `common.pipeline.driver.quantize_blocks`: keeps every solved linear's grid
+    (`grid_tensors`, bits/8 bytes per weight) and, given a `checkpoint_format`, checks at once that it can be
+    written in it (a bad layer stops the run at its first block).
 
-    `packed` maps the full module name (`prefix`.block.name) to its qweight / qzeros / scales / g_idx."""
+    `grids` maps the full module name (`prefix`.block.name) to its grid tensors; `block(i)` those of block i."""
 
-    def __init__(self, model: nn.Module, blocks: nn.Module, checkpoint_format: str = "gptq"):
+    def __init__(self, model: nn.Module, blocks: nn.Module, checkpoint_format: str | None = None):
         self.prefix = next(n for n, m in model.named_modules() if m is blocks)
         self.checkpoint_format = checkpoint_format
-        self.packed: dict[str, dict[str, torch.Tensor]] = {}
+        self.grids: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, block: int, name: str, result: QuantResult) -> None:
         full = f"{self.prefix}.{block}.{name}"
-        self.packed[full] = pack_linear(result, None, self.checkpoint_format, full)
+        if self.checkpoint_format is not None:
+            check_exportable(full, result, self.checkpoint_format)
+        self.grids[full] = grid_tensors(result, full)
+
+    def block(self, i: int, pop: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """{full name: grid} of block i's linears (pop: and forget them, for layer-by-layer writers)."""
+        names = [n for n in self.grids if n.startswith(f"{self.prefix}.{i}.")]
+        return {n: (self.grids.pop(n) if pop else self.grids[n]) for n in names}
 
 
 def _check_plain(model: nn.Module) -> None:
@@ -188,17 +239,54 @@ def _readable(directory: Path) -> None:
         os.chmod(f, 0o666 & ~umask)
 
 
+def plain_tensor(value: torch.Tensor, dtype: str | torch.dtype) -> torch.Tensor:
+    """A non-quantized tensor as the export stores it: floating tensors in the export dtype, on the CPU."""
+    value = value.detach().cpu()
+    return value.to(_torch_dtype(dtype)) if value.is_floating_point() else value
+
+
+def quantization_config(cfg: SolverConfig, checkpoint_format: str) -> dict:
+    """The `quantization_config` block of config.json (and quantize_config.json) for weights quantized by `cfg`."""
+    return {
+        "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+        "desc_act": cfg.act_order and cfg.method != "rtn", "sym": cfg.sym, "static_groups": cfg.static_groups,
+        "true_sequential": True, "damp_percent": cfg.percdamp,
+        "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
+        "lm_head": False, "meta": {"quantizer": [f"gptaq:{cfg.label}"]},
+    }
+
+
+def write_export_files(directory: str | os.PathLike, config, qcfg: dict, dtype: str | torch.dtype,
+                       tokenizer=None, generation_config=None) -> None:
+    """config.json (a plain architecture: no gptaq_rotation; `quantization_config` = qcfg, dtype the export dtype),
+    quantize_config.json, the tokenizer and generation config into `directory` (where the weights already are),
+    readable as save_pretrained's files are."""
+    directory = Path(directory)
+    config = config.to_dict()
+    config.pop("gptaq_rotation", None)  # rotations are folded into the weights: a plain model
+    config["quantization_config"] = qcfg
+    config["dtype"] = str(_torch_dtype(dtype)).removeprefix("torch.")
+    config["use_cache"] = True
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    if generation_config is not None:
+        generation_config.save_pretrained(str(directory))
+    _readable(directory)
+
+
 def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, torch.Tensor]],
                 out_dir: str | os.PathLike, cfg: SolverConfig, *, checkpoint_format: str = "gptq",
-                tokenizer=None) -> Path:
+                tokenizer=None, dtype: str | torch.dtype = "float16") -> Path:
     """Write `model` with every decoder linear packed as GPTQ tensors: `results` maps each module name (as in
-    model.named_modules(), wrappers included) to its QuantResult or to the tensors `GPTQCollector` packed; `cfg`
-    is the solver configuration they were quantized with (quantize_config.json records it).
+    model.named_modules(), wrappers included) to its QuantResult or to its grid (`grid_tensors`, as `GPTQCollector`
+    keeps them); `cfg` is the solver configuration they were quantized with (quantize_config.json records it).
 
-    Everything else of the model (embeddings, norms, lm_head) is stored as is in float16.  Writes model.safetensors,
-    config.json with a `quantization_config` block, quantize_config.json and the tokenizer files into a temporary
-    sibling folder, renamed to `out_dir` at the end, so a failed export leaves nothing half-written.  `out_dir` must
-    not exist or be empty.
+    Everything else of the model (embeddings, norms, lm_head) and the scales are stored in `dtype` (float16 or
+    bfloat16).  Writes model.safetensors, config.json with a `quantization_config` block, quantize_config.json and
+    the tokenizer files into a temporary sibling folder, renamed to `out_dir` at the end, so a failed export leaves
+    nothing half-written.  `out_dir` must not exist or be empty.
     """
     from safetensors.torch import save_file
 
@@ -206,6 +294,8 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
     check_export_target(out_dir, "export")
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ExportError(f"--export_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    if str(_torch_dtype(dtype)).removeprefix("torch.") not in EXPORT_DTYPES:
+        raise ExportError(f"--export_dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
     _check_plain(model)
     modules = dict(model.named_modules())
     missing = [n for n in results if n not in modules]
@@ -220,14 +310,16 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
             raise ExportError(f"export: linear {owner} was not quantized; every decoder linear must be")
     tensors = {}
     for name, res in results.items():
-        packed = pack_linear(res, None, checkpoint_format, name) if isinstance(res, QuantResult) else res
-        expected = packed["qweight"].shape[0] * 32 // bits
-        if packed["g_idx"].numel() != expected:
-            raise ExportError(f"export: {name} was packed with other bits than {bits}")
+        if isinstance(res, QuantResult):
+            packed = pack_linear(res, None, checkpoint_format, name, dtype)
+        else:
+            if res["g_idx"].numel() != res["qweight"].shape[0] * 32 // bits:
+                raise ExportError(f"export: {name} was packed with other bits than {bits}")
+            packed = repack(res, bits, checkpoint_format, name, dtype)
         bias = getattr(modules[name], "bias", None)
         tensors[name] = {k: packed[k] for k in LINEAR_TENSORS}
         if bias is not None:
-            tensors[name]["bias"] = bias.detach().cpu().to(torch.float16)
+            tensors[name]["bias"] = plain_tensor(bias, dtype)
 
     fused = moe.fused_keys(model)  # fused expert tensors: written as their experts' packed linears instead
     for key, names in fused.items():
@@ -237,8 +329,7 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
     for key, value in _plain_state(model).items():
         if key.rpartition(".")[0] in tensors or key in fused:
             continue
-        value = value.detach().cpu()
-        state[key] = value.to(torch.float16) if value.is_floating_point() else value
+        state[key] = plain_tensor(value, dtype)
     emb = model.get_input_embeddings()
     if head_name is not None and getattr(model.config, "tie_word_embeddings", False) and \
             head.weight.data_ptr() == emb.weight.data_ptr():
@@ -247,33 +338,16 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
         state.update({f"{name}.{k}": v for k, v in linear.items()})
     state = {k: v.contiguous().clone() for k, v in state.items()}  # no shared storage in safetensors
 
-    qcfg = {
-        "quant_method": "gptq", "bits": bits, "group_size": cfg.group_size,
-        "desc_act": cfg.act_order and cfg.method != "rtn", "sym": cfg.sym, "static_groups": cfg.static_groups,
-        "true_sequential": True, "damp_percent": cfg.percdamp,
-        "checkpoint_format": checkpoint_format, "format": checkpoint_format, "pack_dtype": "int32",
-        "lm_head": False, "meta": {"quantizer": [f"gptaq:{cfg.label}"]},
-    }
-    if fused:  # MoE: which linears of a decoder layer are packed (the routers are not)
-        qcfg["modules_in_block_to_quantize"] = [sorted({n.split(".", 3)[3] for n in tensors})]
     out_dir = Path(os.path.expanduser(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("gptaq_rotation", None)  # rotations are folded into the weights: a plain model
-        config["quantization_config"] = qcfg
-        config["dtype"] = "float16"
-        config["use_cache"] = True
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(str(tmp))
-        _readable(tmp)
+        qcfg = quantization_config(cfg, checkpoint_format)
+        if fused:  # MoE: which linears of a decoder layer are packed (the routers are not)
+            qcfg["modules_in_block_to_quantize"] = [sorted({n.split(".", 3)[3] for n in tensors})]
+        write_export_files(tmp, model.config, qcfg, dtype, tokenizer,
+                           getattr(model, "generation_config", None))
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)

@@ -27,7 +27,8 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "look
            "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
            "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
            "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
-           "make_rebuild_layer", "distribute_model", "head_dim", "install_online_hadamard"]
+           "make_rebuild_layer", "distribute_model", "head_dim", "install_online_hadamard", "flatten_grids",
+           "GRID_FAMILY", "GRID_FILE", "GRID_INDEX"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", *moe.MOE_MODEL_TYPES)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
@@ -252,6 +253,15 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
 
 QUANT_FILE = "gptaq_quant.json"
 QUANT_FORMAT = 1
+# each quantized linear's grid (common.io.export.grid_tensors: packed codes, zero points, float32 scales, g_idx),
+# keyed "<linear>.<tensor>": what a later --export of the saved model packs (one file, or shards + index)
+GRID_FAMILY = "gptaq_grid"
+GRID_FILE, GRID_INDEX = f"{GRID_FAMILY}.safetensors", f"{GRID_FAMILY}.safetensors.index.json"
+
+
+def flatten_grids(grids: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{linear: {tensor: value}} -> {"<linear>.<tensor>": value} (the layout of GRID_FILE)."""
+    return {f"{name}.{k}": v.contiguous() for name, grid in grids.items() for k, v in grid.items()}
 
 
 def install_layer_quantizers(layer: nn.Module, act: ActQuantSettings, kv) -> None:
@@ -281,11 +291,13 @@ def check_save_target(path: str, flag: str = "--save_qmodel_path") -> None:
 
 
 @torch.no_grad()
-def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict) -> None:
+def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict,
+                   grids: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Save the fake-quantized model as a plain transformers checkpoint (the ActQuantLinear wrappers are
     unwrapped, so the weights keep their usual names; rotated models carry the folded R1/R2/R4 in their weights)
     plus the tokenizer and QUANT_FILE = {format, rotation, act_quant, kv_quant, ...} needed to rebuild the
-    online Hadamards and the quantizers.  Written to a temporary sibling directory, then renamed into place."""
+    online Hadamards and the quantizers, and the linears' `grids` (GRID_FILE) where given.  Written to a temporary
+    sibling directory, then renamed into place."""
     import shutil
     import tempfile
 
@@ -307,6 +319,10 @@ def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict) -> None:
                 _set_submodule(model, name, w)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if grids:
+            from safetensors.torch import save_file
+
+            save_file(flatten_grids(grids), os.path.join(tmp, GRID_FILE), metadata={"format": "pt"})
         write_quant_file(tmp, model.config, spec)
         publish_directory(tmp, path)
     except BaseException:

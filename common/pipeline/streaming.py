@@ -8,7 +8,10 @@ W_down H^T), quantized by
 Host memory then holds about one decoder layer (two for GPTAQ, which keeps a full-precision copy) plus the
 embedding, lm_head and the calibration streams, instead of the whole model.  Perplexity streams the same way from
 the written checkpoint (`open_quantized` + `common.eval.perplexity.perplexity(open_layer=...)`).
-The output is a plain sharded transformers checkpoint plus `gptaq_quant.json`, so `--load_qmodel_path` reads it.
+The output is a plain sharded transformers checkpoint plus `gptaq_quant.json`, so `--load_qmodel_path` reads it;
+its `gptaq_grid-*` shards keep each linear's grid (`common.io.export.grid_tensors`) for a later export.
+With `export_dir`, each layer is also packed and written as a shard of a GPTQ checkpoint as soon as it is solved
+(`export_saved` does the same from a finished saved model), so exports need no more host memory than the run.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from common.models.rotation import Rotation
 from common.quant.act_quant import ActQuantLinear
 
 __all__ = ["SafetensorsCheckpoint", "CheckpointWriter", "build_skeleton", "checkpoint_names",
-           "load_module", "release_module", "LayerStream", "quantize_checkpoint", "open_quantized"]
+           "load_module", "release_module", "LayerStream", "quantize_checkpoint", "open_quantized",
+           "check_saved_exportable", "export_saved", "keeps_grids"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,34 +48,34 @@ class SafetensorsCheckpoint:
     `model.safetensors.index.json`.  `read` opens only the shards it needs and closes (unmaps) them again, so no
     more than the requested tensors stay resident."""
 
-    def __init__(self, directory: str, flag: str = "--model"):
+    def __init__(self, directory: str, flag: str = "--model", single: str = SINGLE_FILE, index: str = INDEX_FILE):
         self.directory = os.path.expanduser(directory)
         if not os.path.isdir(self.directory):
             raise llm.LLMError(f"{flag}: streaming needs a local model directory, {directory} is none")
-        index, single = (os.path.join(self.directory, f) for f in (INDEX_FILE, SINGLE_FILE))
-        if os.path.isfile(index):
+        index_path, single_path = (os.path.join(self.directory, f) for f in (index, single))
+        if os.path.isfile(index_path):
             try:
-                with open(index) as f:
+                with open(index_path) as f:
                     self.files = dict(json.load(f)["weight_map"])
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise llm.LLMError(f"{flag}: cannot read {index}: {e}") from None
-        elif os.path.isfile(single):
+                raise llm.LLMError(f"{flag}: cannot read {index_path}: {e}") from None
+        elif os.path.isfile(single_path):
             from safetensors import safe_open
 
-            with safe_open(single, framework="pt") as f:
-                self.files = {k: SINGLE_FILE for k in f.keys()}
+            with safe_open(single_path, framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
         else:
-            raise llm.LLMError(f"{flag}: {directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; streaming reads "
+            raise llm.LLMError(f"{flag}: {directory} has neither {single} nor {index}; streaming reads "
                                "safetensors checkpoints only")
         for name in sorted(set(self.files.values())):
             if not os.path.isfile(os.path.join(self.directory, name)):
-                raise llm.LLMError(f"{flag}: shard {name} listed in {INDEX_FILE} is missing from {directory}")
+                raise llm.LLMError(f"{flag}: shard {name} listed in {index} is missing from {directory}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """{name: tensor} on the CPU, floating tensors cast to `dtype`."""
+    def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """{name: tensor} on the CPU, floating tensors cast to `dtype` (None: as stored)."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise llm.LLMError(f"{self.directory}: the checkpoint has no tensor {missing[0]}"
@@ -87,7 +91,7 @@ class SafetensorsCheckpoint:
                 with _open_shard(path) as f:
                     tensors = {k: f.get_tensor(k) for k in keys}
             for k, t in tensors.items():
-                out[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
         return out
 
 
@@ -139,39 +143,44 @@ def _open_shard(path: str):
 
 
 class CheckpointWriter:
-    """A sharded safetensors checkpoint written shard by shard into a hidden sibling of `path`; `finish` adds the
-    index, config, tokenizer and quantization record and renames it into place, `abort` deletes it.
+    """A sharded safetensors checkpoint written shard by shard into a hidden sibling of `path`; `finish` (a
+    quantized model) or `publish` (any other files) adds the indexes and renames it into place, `abort` deletes it.
 
     `write` takes its own copies of the tensors (CUDA tensors: a device copy, moved to host memory by the
     background thread on a side stream) and returns; the file is written by that background thread (one shard in
-    flight: the next `write`, `finish` and `abort` wait for it, and raise its error), so the host copy and the disk
-    write overlap the caller's next layer."""
+    flight: the next `write`, `publish` and `abort` wait for it, and raise its error), so the host copy and the
+    disk write overlap the caller's next layer.
 
-    def __init__(self, path: str, nshards: int):
+    nshards: {family: its number of shards}; a family's shards are `<family>-0000k-of-0000n.safetensors`, listed by
+    `<family>.safetensors.index.json` (family "model": the transformers checkpoint).  check(path) refuses a target."""
+
+    def __init__(self, path: str, nshards: int | dict[str, int], check: Callable[[str], None] = llm.check_save_target):
         self.path = os.path.abspath(os.path.expanduser(path))
-        llm.check_save_target(self.path)
+        check(self.path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
-        self.nshards, self.weight_map, self.total_size = nshards, {}, 0
+        self.nshards = nshards if isinstance(nshards, dict) else {"model": nshards}
+        self.weight_map = {f: {} for f in self.nshards}
+        self.total_size = dict.fromkeys(self.nshards, 0)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: Future | None = None
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        k = len(set(self.weight_map.values())) + 1
-        if k > self.nshards:
-            raise RuntimeError(f"CheckpointWriter: more than the {self.nshards} announced shards")
-        name = f"model-{k:05d}-of-{self.nshards:05d}.safetensors"
+    def write(self, tensors: dict[str, torch.Tensor], family: str = "model") -> None:
+        k, n = len(set(self.weight_map[family].values())) + 1, self.nshards[family]
+        if k > n:
+            raise RuntimeError(f"CheckpointWriter: more than the {n} announced {family} shards")
+        name = f"{family}-{k:05d}-of-{n:05d}.safetensors"
         # own copies: the caller may free or change its tensors as soon as this returns
-        tensors = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in tensors.items()}
+        tensors = {t_name: t.detach().clone(memory_format=torch.contiguous_format) for t_name, t in tensors.items()}
         ready = None
         if any(t.is_cuda for t in tensors.values()):
             ready = torch.cuda.Event()
             ready.record()  # the copies' values are queued before this point of the caller's stream
         self._wait()
         self._pending = self._pool.submit(_save_shard, tensors, ready, os.path.join(self.tmp, name))
-        for n, t in tensors.items():
-            self.weight_map[n] = name
-            self.total_size += t.numel() * t.element_size()
+        for t_name, t in tensors.items():
+            self.weight_map[family][t_name] = name
+            self.total_size[family] += t.numel() * t.element_size()
         del tensors
 
     def _wait(self) -> None:
@@ -179,20 +188,30 @@ class CheckpointWriter:
         if pending is not None:
             pending.result()
 
-    def finish(self, config, tokenizer=None, spec: dict | None = None) -> str:
-        """Publish the checkpoint (spec None: a plain checkpoint without gptaq_quant.json); returns its path."""
+    def publish(self, write_files: Callable[[str], None] | None = None) -> str:
+        """Write the index of every family that has shards, then `write_files(tmp)`, and rename into place."""
         self._wait()
         self._pool.shutdown()
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        with open(os.path.join(self.tmp, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
-        config.save_pretrained(self.tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp)
-        if spec is not None:
-            llm.write_quant_file(self.tmp, config, spec)
+        for family, weight_map in self.weight_map.items():
+            if weight_map:
+                index = {"metadata": {"total_size": self.total_size[family]},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                with open(os.path.join(self.tmp, f"{family}.safetensors.index.json"), "w") as f:
+                    json.dump(index, f, indent=2)
+        if write_files is not None:
+            write_files(self.tmp)
         llm.publish_directory(self.tmp, self.path)
         return self.path
+
+    def finish(self, config, tokenizer=None, spec: dict | None = None) -> str:
+        """Publish the checkpoint (spec None: a plain checkpoint without gptaq_quant.json); returns its path."""
+        def write_files(tmp: str) -> None:
+            config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if spec is not None:
+                llm.write_quant_file(tmp, config, spec)
+        return self.publish(write_files)
 
     def abort(self) -> None:
         try:
@@ -355,22 +374,66 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return llm.DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
+def _export_layer(tensors: dict[str, torch.Tensor], grids: dict[str, dict[str, torch.Tensor]], bits: int,
+                  checkpoint_format: str, dtype: str | torch.dtype) -> dict[str, torch.Tensor]:
+    """One decoder layer of a GPTQ checkpoint: its plain checkpoint `tensors` with every linear in `grids` (full
+    names) replaced by its packed tensors (bias included), the rest (norms) in the export dtype."""
+    from common.io.export import plain_tensor, repack
+
+    out = {}
+    for name, grid in grids.items():
+        bias = tensors.get(f"{name}.bias")
+        out.update({f"{name}.{k}": v for k, v in repack(grid, bits, checkpoint_format, name, dtype, bias).items()})
+    out.update({k: plain_tensor(v, dtype) for k, v in tensors.items() if k.rpartition(".")[0] not in grids})
+    return out
+
+
+def _export_writer(path: str, nlayers: int) -> CheckpointWriter:
+    from common.io.export import ExportError, check_export_target
+
+    def check(target: str) -> None:
+        try:
+            check_export_target(target)
+        except ExportError as e:
+            raise llm.LLMError(str(e)) from None
+    return CheckpointWriter(path, 1 + nlayers, check=check)
+
+
+def keeps_grids(wcfg, config) -> bool:
+    """Whether a run keeps its linears' grids (saved models do, for a later export): bits the export packs and
+    layer widths it can pack."""
+    from common.io.export import EXPORT_BITS, ExportError, check_export_config
+
+    if not wcfg.active or wcfg.bits not in EXPORT_BITS:
+        return False
+    try:
+        check_export_config(config)
+    except ExportError:
+        return False
+    return True
+
+
 def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtype, wcfg, act: llm.ActQuantSettings,
                         kv, calibration: list[torch.Tensor], device: torch.device | str,
                         rotation: Rotation | None = None, offload_inputs: bool = False, tokenizer=None,
                         spec: dict | None = None, block_times: list[dict] | None = None,
-                        setup_times: dict | None = None) -> list[dict]:
+                        setup_times: dict | None = None, export_dir: str | None = None,
+                        export_format: str = "gptq", export_dtype: str = "float16") -> list[dict]:
     """fake_quant's pipeline (rotation, KV / activation quantizers, layer-by-layer weight solve) on the safetensors
     checkpoint in `model_dir`, one decoder layer in host memory at a time; the quantized model is written to
-    `out_dir` (sharded safetensors + config + tokenizer + gptaq_quant.json holding `spec`).
+    `out_dir` (sharded safetensors + config + tokenizer + gptaq_quant.json holding `spec`, + the linears' grids).
 
     wcfg: `common.solver.SolverConfig`; kv: `common.models.kv_quant.KVQuantConfig`; calibration: token-id batches
     [bsz, seqlen] (may be empty when the method needs no data).  block_times: see `quantize_blocks`; each block's
     entry also gets the layer's read_s / prepare_s / write_s (`LayerStream.times`).  setup_times: if given, gets the
     wall seconds outside the layers: "outer_s" (embedding, norm, lm_head: read, rotate, write), "embed_s" (the
     calibration batches through the embedding), "publish_s" (the last shard, index and config).
+    export_dir: also write each layer, as soon as it is solved, as a shard of a GPTQ checkpoint there
+    (`export_format`, scales and other tensors in `export_dtype`); the rotation then has no online R4 (a plain
+    model; kv must have rotate_qk False and act / kv no quantization, as `common.io.export` requires).
     Returns the per-linear records of `quantize_blocks`.
     """
+    from common.io.export import GPTQCollector, plain_tensor, quantization_config, write_export_files
     from common.pipeline.driver import quantize_blocks
     from common.models.rotation import check_rotations, rotate_embeddings, rotate_layer, rotation_record
 
@@ -379,6 +442,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
     config = llm.read_config(model_dir)
     ckpt = SafetensorsCheckpoint(model_dir)
     model = build_skeleton(config, dtype)
+    online_r4 = export_dir is None
     R1 = R2s = None
     if rotation is not None:
         try:
@@ -386,10 +450,16 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         except ValueError as e:
             raise llm.LLMError(str(e)) from None
         R1, R2s = R1.to(device), [None if r is None else r.to(device) for r in R2s]  # float64 math on `device`
-    writer = CheckpointWriter(out_dir, nshards=1 + len(llm.decoder_layers(model)))
+    nlayers = len(llm.decoder_layers(model))
+    collector = GPTQCollector(model, llm.decoder_layers(model), export_format if export_dir else None) \
+        if export_dir is not None or keeps_grids(wcfg, config) else None
+    writer = CheckpointWriter(out_dir, {"model": 1 + nlayers, llm.GRID_FAMILY: nlayers})
+    exporter = None
     setup = {}
     try:
         t0 = _synced()
+        if export_dir is not None:
+            exporter = _export_writer(export_dir, nlayers)
         _load_outer(model, ckpt, dtype)
         if rotation is not None:
             outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
@@ -399,17 +469,25 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             for m in outer:
                 m.to("cpu")
         writer.write(_outer_state(model))
+        if exporter is not None:
+            exporter.write({k: plain_tensor(v, export_dtype) for k, v in _outer_state(model).items()})
         setup["outer_s"] = _synced() - t0
 
         def prepare(i: int, layer: nn.Module) -> None:
             layer.to(device)
             if rotation is not None:
-                rotate_layer(layer, R1, R2s[i], online_r4=True, fp32_had=rotation.fp32_had)
+                rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=rotation.fp32_had)
             llm.install_layer_quantizers(layer, act, kv)
 
         def finish(i: int, layer: nn.Module) -> None:
             params = dict(layer.named_parameters())
-            writer.write({k: params[n] for n, k in checkpoint_names(layer, f"{LAYERS_PREFIX}{i}.").items()})
+            tensors = {k: params[n] for n, k in checkpoint_names(layer, f"{LAYERS_PREFIX}{i}.").items()}
+            writer.write(tensors)
+            if collector is not None:
+                grids = collector.block(i, pop=True)
+                writer.write(llm.flatten_grids(grids), llm.GRID_FAMILY)
+                if exporter is not None:
+                    exporter.write(_export_layer(tensors, grids, wcfg.bits, export_format, export_dtype))
 
         t0 = _synced()
         inputs = llm.LayerInputs()
@@ -420,7 +498,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
                                   offload_inputs=offload_inputs, desc="layer", block_times=block_times,
-                                  stages=inputs.stages)
+                                  stages=inputs.stages, on_quantized=collector)
         del inputs
         if block_times is not None:
             io = {t["block"]: t for t in stream.times}
@@ -429,16 +507,104 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         t0 = time.perf_counter()
         if rotation is not None:
             setattr(model.config, "gptaq_rotation",
-                    rotation_record(rotation.mode, rotation.seed, True, rotation.fp32_had))
+                    rotation_record(rotation.mode, rotation.seed, online_r4, rotation.fp32_had))
         model.config.dtype = dtype
+        if exporter is not None:
+            qcfg = quantization_config(wcfg, export_format)
+            exporter.publish(lambda tmp: write_export_files(tmp, model.config, qcfg, export_dtype, tokenizer,
+                                                            getattr(model, "generation_config", None)))
         writer.finish(model.config, tokenizer, dict(spec or {}))
         setup["publish_s"] = time.perf_counter() - t0
         if setup_times is not None:
             setup_times.update({k: round(v, 4) for k, v in setup.items()})
     except BaseException:
         writer.abort()
+        if exporter is not None:
+            exporter.abort()
         raise
     return records
+
+
+def _saved_solver_config(spec: dict):
+    """The SolverConfig a saved model records (gptaq_quant.json "weight_quant")."""
+    from common.solver import GPTAQConfig, SolverConfig
+
+    d = dict(spec["weight_quant"])
+    return SolverConfig(**{**d, "gptaq": GPTAQConfig(**d["gptaq"])})
+
+
+def check_saved_exportable(path: str, flag: str = "--load_qmodel_path") -> None:
+    """Raise an LLMError unless the model saved in `path` can be exported without quantizing again: weight-only
+    (no activation / KV-cache quantizer, no online R3/R4) and saved with its grids."""
+    spec = llm.read_quant_spec(path)
+    act, kv, rotation = spec.get("act_quant", {}), spec.get("kv_quant", {}), spec.get("rotation") or {}
+    online = [f"a_bits {act['bits']}"] if act.get("bits", 16) < 16 else []
+    online += ["int8_down_proj"] if act.get("down_proj_bits") is not None else []
+    online += [f"{k}_bits {kv[f'{k}_bits']}" for k in "kv" if kv.get(f"{k}_bits", 16) < 16]
+    if online:
+        raise llm.LLMError(f"--export: {path} was quantized with {', '.join(online)}; a GPTQ checkpoint holds "
+                           "weight-only models")
+    if rotation.get("online_r4") or kv.get("rotate_qk"):
+        raise llm.LLMError(f"--export: {path} was rotated with the online R3/R4 Hadamards, which a GPTQ checkpoint "
+                           "cannot hold; quantize it again with --rotate --export (R1/R2 folded, no online Hadamard)")
+    directory = os.path.expanduser(path)
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in (llm.GRID_FILE, llm.GRID_INDEX)):
+        raise llm.LLMError(f"--export: {path} has no {llm.GRID_FILE} (the weight grids an export packs): it was "
+                           f"saved without weight quantization at bits 2/3/4/8, or by an older version")
+
+
+def export_saved(path: str, out_dir: str, *, checkpoint_format: str = "gptq", dtype: str = "float16",
+                 tokenizer=None, flag: str = "--load_qmodel_path") -> str:
+    """Write the weight-only fake-quant model saved in `path` (`llm.save_quantized` or `quantize_checkpoint`) as a
+    GPTQ checkpoint in `out_dir`, one decoder layer at a time, from its saved grids: nothing is quantized again.
+    Each saved weight is checked to be its grid's dequantization (to 1% of a step).  Returns `out_dir`."""
+    from common.io.export import plain_tensor, quantization_config, write_export_files
+
+    check_saved_exportable(path, flag)
+    spec = llm.read_quant_spec(path)
+    wcfg = _saved_solver_config(spec)
+    config = llm.read_config(path, flag)
+    ckpt = SafetensorsCheckpoint(path, flag)
+    grid_ckpt = SafetensorsCheckpoint(path, flag, single=llm.GRID_FILE, index=llm.GRID_INDEX)
+    nlayers = config.num_hidden_layers
+    exporter = _export_writer(out_dir, nlayers)
+    try:
+        outer = [k for k in ckpt.files if not k.startswith(LAYERS_PREFIX)]
+        exporter.write({k: plain_tensor(v, dtype) for k, v in ckpt.read(outer, None).items()})
+        for i in range(nlayers):
+            prefix = f"{LAYERS_PREFIX}{i}."
+            tensors = ckpt.read([k for k in ckpt.files if k.startswith(prefix)], None)
+            flat = grid_ckpt.read([k for k in grid_ckpt.files if k.startswith(prefix)], None)
+            grids: dict[str, dict[str, torch.Tensor]] = {}
+            for key, value in flat.items():
+                name, _, leaf = key.rpartition(".")
+                grids.setdefault(name, {})[leaf] = value
+            for name, grid in grids.items():
+                _check_on_grid(name, tensors[f"{name}.weight"], grid, wcfg.bits, path)
+            exporter.write(_export_layer(tensors, grids, wcfg.bits, checkpoint_format, dtype))
+            del tensors, flat, grids
+            _trim_heap()
+        if tokenizer is None:
+            tokenizer = llm.load_tokenizer(path)
+        qcfg = quantization_config(wcfg, checkpoint_format)
+        return exporter.publish(lambda tmp: write_export_files(tmp, config, qcfg, dtype, tokenizer))
+    except BaseException:
+        exporter.abort()
+        raise
+
+
+def _check_on_grid(name: str, weight: torch.Tensor, grid: dict[str, torch.Tensor], bits: int, path: str) -> None:
+    from common.io.export import unpack_codes
+
+    codes = unpack_codes(grid["qweight"], bits).t().float()  # [out, in]
+    zeros = unpack_codes(grid["qzeros"].t().contiguous(), bits).float()  # [out, groups]
+    g = grid["g_idx"].long()
+    scales = grid["scales"].float().t()  # [out, groups]
+    S = scales[:, g]
+    deq = S * (codes - zeros[:, g])
+    if deq.shape != weight.shape or bool(((deq - weight.float()).abs() > 0.01 * S).any()):
+        raise llm.LLMError(f"--export: the saved weight of {name} in {path} is not its saved grid's dequantization "
+                           "(the checkpoint was changed after it was saved)")
 
 
 def open_quantized(path: str, device: torch.device | str, dtype: str | torch.dtype | None = None,

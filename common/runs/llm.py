@@ -1,10 +1,13 @@
-"""The LLM pipeline behind fake_quant/main.py and spinquant/main.py: GPTQ / GPTAQ / RTN with W/A/KV fake quantization.
+"""The LLM command line behind fake_quant/main.py and spinquant/main.py: GPTQ / GPTAQ / RTN with W/A/KV fake
+quantization, a thin layer over the Python API (`common.api.llm.CausalLM`, `quantize_streamed`, `export_saved`):
+flags -> configuration objects -> API calls, plus results.json, the printed table, lm-eval and --resume.
 
 Pipeline: (optional) rotation (QuaRot's random Hadamards, or the learned SpinQuant rotation passed as `rotation`: (norm fusion, R1/R2 folded, online R3 on q/k and R4 on down_proj) ->
 KV-cache and per-token activation quantizers on every decoder linear (lm_head stays 16-bit) -> weights solved layer
 by layer (common.pipeline.driver): GPTQ min ||W X~ - Q X~||^2, GPTAQ min ||Q X~ - W X||^2 with the full-precision stream X
 carried alongside -> activation quantizers on -> evaluation.  --export DIR also writes the weight-only result as a
-standard GPTQ checkpoint (common.io.export; fp16 scales, rotation without online R3/R4, so it is a plain model).
+standard GPTQ checkpoint (common.io.export; --export_dtype scales, rotation without online R3/R4, so it is a plain
+model; with --stream layer by layer as each is solved, with --load_qmodel_path from the saved model's grids).
 --resume checkpoints after every decoder layer (common.pipeline.resume); under torchrun the calibration batches are sharded
 over the processes (common.pipeline.distributed) and rank 0 evaluates and writes the results.  --stream reads, quantizes and
 writes one decoder layer at a time and evaluates from the written checkpoint (common.pipeline.streaming).
@@ -19,30 +22,21 @@ import dataclasses
 import hashlib
 import logging
 import os
-import random
 import shutil
 from contextlib import contextmanager
 
 import torch
 
+from common.api import llm as api
+from common.api.llm import CausalLM, seed_everything  # noqa: F401 - seed_everything: the benchmarks' import
 from common.cli.llm import SAVED_FLAGS, method_name, run_name, settings, validate_model_config
 from common.eval.lm_eval_runner import require_chat_template, task_score
 from common.io.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results
 from common.models import llm
 from common.models.rotation import Rotation
-from common.pipeline import distributed, streaming
+from common.pipeline import distributed
 
 log = logging.getLogger("fake_quant")
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def rotation_of(args) -> Rotation | None:
@@ -50,10 +44,6 @@ def rotation_of(args) -> Rotation | None:
     if not args.rotate:
         return None
     return Rotation.quarot(llm.read_config(args.model), args.rotate_mode, args.rotation_seed, args.fp32_had)
-
-
-def _batches(samples: list[torch.Tensor], bsz: int) -> list[torch.Tensor]:
-    return [torch.cat(samples[i:i + bsz], dim=0) for i in range(0, len(samples), bsz)]
 
 
 def resume_fingerprint(args, wcfg, act, kv, rotation: Rotation | None, cal_samples: list[torch.Tensor]) -> dict:
@@ -69,52 +59,34 @@ def resume_fingerprint(args, wcfg, act, kv, rotation: Rotation | None, cal_sampl
             "rotation": None if rotation is None else rotation.fingerprint()}
 
 
+def _export_format(args) -> str | None:
+    return args.export_format if args.export else None
+
+
 def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, rotation: Rotation | None = None,
              resume=None, on_quantized=None) -> list[dict]:
-    """Rotation, quantizers, then the layer-by-layer weight solve (this rank's share of the calibration batches
-    under torchrun; checkpointed into `resume`, a common.pipeline.resume.ResumeState; each solved linear passed to
-    `on_quantized`); leaves every quantizer on.  With --export the rotation has no online R3/R4 (plain model)."""
-    from common.quant.act_quant import set_act_quant
-    from common.pipeline.driver import quantize_blocks
-
-    from common.models.moe import set_min_tokens
-
-    set_min_tokens(model, args.moe_min_tokens)
-    if rotation is not None:
-        rotation.apply(model, online_r4=not args.export, progress=True)  # export: a plain model, no online R4
-    llm.install_quantizers(model, act, kv)
-    layers: list[dict] = []
-    if wcfg.active:
-        inputs = llm.LayerInputs()
-        if wcfg.needs_data:
-            batches = distributed.shard(_batches(cal_samples, args.bsz))
-            inputs = llm.capture_layer_inputs(model, batches, device)
-        layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
-                                 wcfg, prepare_block=llm.make_prepare_layer(act), device=device,
-                                 offload_inputs=args.offload_inputs, desc="layer", resume=resume,
-                                 on_quantized=on_quantized, stages=inputs.stages)
-        del inputs
-    set_act_quant(model, True)
-    return layers
+    """`common.api.llm.quantize_model` with the command line's batching, offloading, MoE fallback threshold and
+    --export (a plain model)."""
+    return api.quantize_model(model, cal_samples, wcfg, act, kv, rotation, device=device, bsz=args.bsz,
+                              offload_inputs=args.offload_inputs, export_format=_export_format(args),
+                              on_quantized=on_quantized, resume=resume, moe_min_tokens=args.moe_min_tokens)
 
 
-def quant_spec(args, wcfg, act, kv) -> dict:
-    """What a saved quantized model records about its quantization (gptaq_quant.json, next to the rotation)."""
-    return {"method": method_name(args), "dtype": args.dtype, "source_model": args.model, "act_quant": act.to_dict(),
-            "kv_quant": dataclasses.asdict(kv), "weight_quant": wcfg.to_dict(), "args": vars(args).copy()}
+def _extra_spec(args) -> dict:
+    return {"args": vars(args).copy()}
 
 
 def quantize_streamed(args, wcfg, act, kv, cal_samples, device: torch.device, tokenizer, path: str,
                       rotation: Rotation | None = None, block_times: list[dict] | None = None,
                       setup_times: dict | None = None) -> list[dict]:
-    """--stream: `quantize`'s pipeline reading one decoder layer at a time from the safetensors checkpoint; the
-    quantized model is written to `path` (common.pipeline.streaming).  block_times: see
-    common.pipeline.driver.quantize_blocks and common.pipeline.streaming.quantize_checkpoint (setup_times)."""
-    return streaming.quantize_checkpoint(
-        args.model, path, dtype=args.dtype, wcfg=wcfg, act=act, kv=kv,
-        calibration=_batches(cal_samples, args.bsz) if wcfg.needs_data else [], device=device, rotation=rotation,
-        offload_inputs=args.offload_inputs, tokenizer=tokenizer, spec=quant_spec(args, wcfg, act, kv),
-        block_times=block_times, setup_times=setup_times)
+    """--stream: `common.api.llm.quantize_streamed` with the command line's settings (and --export written layer by
+    layer); the quantized model is written to `path`.  block_times, setup_times: see
+    common.pipeline.driver.quantize_blocks and common.pipeline.streaming.quantize_checkpoint."""
+    return api.quantize_streamed(
+        args.model, path, cal_samples, wcfg, act, kv, rotation, dtype=args.dtype, device=device, bsz=args.bsz,
+        offload_inputs=args.offload_inputs, tokenizer=tokenizer, extra_spec=_extra_spec(args),
+        block_times=block_times, setup_times=setup_times, export_dir=args.export, export_format=args.export_format,
+        export_dtype=args.export_dtype)
 
 
 def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer,
@@ -179,14 +151,6 @@ def _table_row(result: dict) -> dict:
     return row
 
 
-def export_checkpoint(model, tokenizer, args, wcfg, packed: dict) -> None:
-    """--export: the weight-only model as a GPTQ checkpoint (common.io.export) from the linears packed while solving."""
-    from common.io.export import export_gptq
-
-    path = export_gptq(model, packed, args.export, wcfg, checkpoint_format=args.export_format, tokenizer=tokenizer)
-    log.info("exported the %d-bit GPTQ checkpoint (%s format) to %s", args.w_bits, args.export_format, path)
-
-
 def _experts_entry(layers: list[dict]) -> dict:
     """results.json's "experts" (MoE models): per layer and expert its routed tokens, proxy losses, fallback."""
     from common.models.moe import expert_summary
@@ -211,13 +175,12 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
     device = torch.device(args.device)
     wcfg, act, kv = settings(args)
     layers: list[dict] = []
-    open_layer = scratch = None  # --stream: reads decoder layers from disk; scratch = its temporary checkpoint
+    scratch = None  # --stream: the temporary checkpoint evaluated from
 
     if args.load_qmodel_path:
         src = args.load_qmodel_path
         validate_model_config(args, llm.read_config(src, "--load_qmodel_path"))
-        spec = llm.read_quant_spec(src)
-        saved = spec.get("args", {})
+        saved = llm.read_quant_spec(src).get("args", {})
         for key in SAVED_FLAGS:  # the quantization the loaded model carries, for the record and the run name
             if key in saved:
                 setattr(args, key, saved[key])
@@ -225,14 +188,16 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
         check_chat_template(args, tokenizer)
         with timer.phase("data"), _data_errors():
             eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
+        if args.export:
+            with timer.phase("export"):
+                path = api.export_saved(src, args.export, args.export_format, args.export_dtype)
+            log.info("exported the saved model as a %s GPTQ checkpoint (%s) to %s", args.export_format,
+                     args.export_dtype, path)
         with timer.phase("load"):
-            if args.stream:
-                model, open_layer, spec = streaming.open_quantized(src, device, args.dtype)
-            else:
-                model, spec = llm.load_quantized(src, args.dtype)
-        args.dtype = str(model.dtype).removeprefix("torch.")
-        quant = {"method": spec.get("method"), **{k: getattr(args, k) for k in ("w_bits", "a_bits", "k_bits",
-                                                                                   "v_bits", "rotate")}}
+            lm = CausalLM.load_quantized(src, args.dtype, stream=args.stream, device=device)
+        args.dtype = lm.dtype
+        quant = {"method": lm.spec.get("method"), **{k: getattr(args, k) for k in ("w_bits", "a_bits", "k_bits",
+                                                                                      "v_bits", "rotate")}}
         model_name = saved.get("model") or src
     else:
         args.dtype = args.dtype or "float16"
@@ -259,17 +224,15 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
             with timer.phase("quantize"):
                 layers = quantize_streamed(args, wcfg, act, kv, cal, device, tokenizer, target, rotation)
             with timer.phase("load"):
-                model, open_layer, _ = streaming.open_quantized(target, device, args.dtype)
+                lm = CausalLM.load_quantized(target, args.dtype, stream=True, device=device)
         else:
             with timer.phase("load"):
-                model = llm.load_model(args.model, args.dtype)
-            if args.export:
-                from common.io.export import GPTQCollector
-
-                collector = GPTQCollector(model, llm.decoder_layers(model), args.export_format)
+                lm = CausalLM(llm.load_model(args.model, args.dtype), tokenizer, args.model)
             with timer.phase("quantize"):
-                layers = quantize(model, args, wcfg, act, kv, cal, device, rotation, resume,
-                                  on_quantized=collector if args.export else None)
+                layers = lm.quantize(cal, wcfg, act, kv, rotation, device=device, bsz=args.bsz,
+                                     offload_inputs=args.offload_inputs, export_format=_export_format(args),
+                                     keep_grids=bool(args.save_qmodel_path), resume=resume,
+                                     extra_spec=_extra_spec(args))
         del cal
         if not distributed.is_main():  # rank 0 saves, evaluates and writes the results
             return {"rank": distributed.rank(), "layers": layers}
@@ -277,16 +240,16 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
                  "v_bits": args.v_bits, "rotate": args.rotate}
         if args.save_qmodel_path and not args.stream:
             with timer.phase("save"):
-                llm.save_quantized(model, tokenizer, args.save_qmodel_path, quant_spec(args, wcfg, act, kv))
+                lm.save(args.save_qmodel_path)
         if args.save_qmodel_path:
             log.info("saved the fake-quantized model to %s", args.save_qmodel_path)
-        if args.export:
+        if args.export and not args.stream:
             with timer.phase("export"):
-                export_checkpoint(model, tokenizer, args, wcfg, collector.packed)
+                lm.export(args.export, args.export_dtype)
         model_name = args.model
 
     try:
-        ppl, tasks = evaluate(model, tokenizer, args, eval_windows, device, timer, open_layer)
+        ppl, tasks = evaluate(lm.model, tokenizer, args, eval_windows, device, timer, lm.open_layer)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
