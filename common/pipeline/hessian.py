@@ -42,10 +42,11 @@ def _gemm_accumulate_ok(device: torch.device) -> bool:
 class HessianAccumulator:
     """H = (2/N) sum_t x~_t x~_t^T and, when asymmetric, dXXT = (2/N) sum_t (x_t - x~_t) x~_t^T over all ranks.
 
-    On CUDA the raw sums are float32 and each batch's product is added to them by the GEMM itself (beta = 1): from
-    float16/bfloat16 activations on fp16/bf16 tensor cores (exact products, float32 accumulation; dXXT as
-    `dxxt_product` says, see DXXT_PRODUCTS), from float32 ones in float32.  Elsewhere each batch's float32 product is added to float64
-    sums.  Either way the sums hold float32-accurate values that depend on the batch order only through rounding.
+    On CUDA in one process the raw sums are float32 and each batch's product is added to them by the GEMM itself
+    (beta = 1): from float16/bfloat16 activations on fp16/bf16 tensor cores (exact products, float32 accumulation;
+    dXXT as `dxxt_product` says, see DXXT_PRODUCTS), from float32 ones in float32.  Elsewhere (CPU, or torchrun with
+    several processes) each batch's float32 product is added to float64 sums, so the totals do not depend on how the
+    batches are split over ranks.  Either way the sums hold float32-accurate values.
     `all_reduce()` adds the sums of every rank; the first read of H or dXXT materialises both in float32 and frees
     the sums (no more `add` after that).
     """
@@ -58,7 +59,9 @@ class HessianAccumulator:
         self.dxxt_product = dxxt_product
         self.nsamples = 0
         device = torch.device(device)
-        self._gemm = device.type == "cuda"  # float32 sums, accumulated by the GEMMs
+        # float32 sums accumulated by the GEMMs on one GPU; float64 sums under torchrun, so that the totals do not
+        # depend on how the batches are split over the ranks (N processes give the weights of 1)
+        self._gemm = device.type == "cuda" and distributed.world_size() == 1
         dtype = torch.float32 if self._gemm else torch.float64
         self._S = torch.zeros(columns, columns, dtype=dtype, device=device)
         self._D = torch.zeros(columns, columns, dtype=dtype, device=device) if asymmetric else None
