@@ -23,6 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from common.models.files import ordinary_permissions
 from common.quant.act_quant import ActQuantLinear
 from common.solver import QuantResult, SolverConfig
 
@@ -164,15 +165,6 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _readable(directory: Path) -> None:
-    """mkdtemp makes the folder (and safetensors the file) private; an export is shared like save_pretrained's."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
 def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, torch.Tensor]],
                 out_dir: str | os.PathLike, cfg: SolverConfig, *, checkpoint_format: str = "gptq",
                 tokenizer=None) -> Path:
@@ -252,7 +244,7 @@ def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, 
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(str(tmp))
-        _readable(tmp)
+        ordinary_permissions(tmp)  # mkdtemp and safetensors make them private
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)

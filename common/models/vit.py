@@ -7,6 +7,7 @@ takes a per-token activation quantizer on its input (`common.quant.act_quant`); 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common.models import hub
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, wrap_linears
 
 __all__ = [
@@ -104,13 +106,16 @@ def create_model(name: str, checkpoint: str | None = None, model_kwargs: dict | 
                             "'vit_*', 'eva02_*')")
     kwargs = dict(model_kwargs or {})
     try:
-        model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
+        with hub.offline_unless_reachable() if checkpoint is None else contextlib.nullcontext():
+            model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
     except TypeError as e:
         raise VitModelError(f"--model_kwargs: timm rejected {kwargs} for {name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - hub download failures come in many types
         if checkpoint is None:
-            raise VitModelError(f"--model: could not fetch pretrained weights for {name} from the Hugging Face "
-                                f"Hub ({type(e).__name__}); offline, pass --checkpoint <file.safetensors|.pth>") from None
+            where = "the Hub is not reachable and they are not in the local cache" if not hub.reachable() else \
+                f"fetching them from the Hugging Face Hub failed ({type(e).__name__})"
+            raise VitModelError(f"--model: no pretrained weights for {name}: {where}; offline, pass "
+                                "--checkpoint <file.safetensors|.pth>") from None
         raise VitModelError(f"--model: timm could not build {name} with {kwargs}: {e}") from None
     check_supported(model)
     if checkpoint is not None:
