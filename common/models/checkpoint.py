@@ -101,8 +101,8 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
     optional = set(optional)
     refuse_mismatch(where, missing=[k for k in expected if k not in found and k not in optional],
                     unexpected=sorted(k for k in found if k not in expected),
-                    mis_shaped=[(k, found[k], v) for k, v in expected.items()
-                                if k in found and tuple(found[k]) != tuple(v)])
+                    mis_shaped=sorted((k, found[k], v) for k, v in expected.items()
+                                      if k in found and tuple(found[k]) != tuple(v)))
 
 
 def refuse_mismatch(where: str, missing: list[str], unexpected: list[str],
