@@ -191,7 +191,7 @@ def test_2_vit_checkpoint_missing_keys(vit_env, tmp_path, capsys):
     del sd["blocks.0.mlp.fc2.weight"]
     save_file(sd, str(tmp_path / "partial.safetensors"))
     _input_error(capsys, vit_main, _vit_argv(vit_env, tmp_path / "o", ckpt=str(tmp_path / "partial.safetensors")),
-                 "--checkpoint", "missing keys")
+                 "--checkpoint", "1 missing tensor(s): blocks.0.mlp.fc2.weight")
 
 
 # ------------------------------------------------------------------------------------- 3 non-finite metrics

@@ -73,7 +73,7 @@ class RunLock:
                 break
 
     def __enter__(self) -> "RunLock":
-        return self if self._fd is not None else self.acquire()
+        return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()

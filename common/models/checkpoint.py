@@ -19,8 +19,8 @@ from typing import Iterable
 
 from common.models.files import FileError, read_json
 
-__all__ = ["SINGLE_FILE", "INDEX_FILE", "safetensors_header", "weight_files", "tensor_shapes", "check_tensors",
-           "refuse_mismatch", "fingerprint"]
+__all__ = ["SINGLE_FILE", "INDEX_FILE", "safetensors_header", "weight_files", "tensor_shapes", "compare_tensors",
+           "mismatch_summary", "check_tensors", "refuse_mismatch", "fingerprint"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,20 +94,19 @@ def _listed(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str,
-                  optional: Iterable[str] = ()) -> None:
-    """FileError naming the tensors `where` (a checkpoint) lacks, has in excess or holds in another shape than the
-    model's `expected` ones; `optional` names may be absent (e.g. an lm_head tied to the embedding)."""
+def compare_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                    optional: Iterable[str] = ()) -> str:
+    """What `found` (a checkpoint's {name: shape}) lacks, has in excess or holds in another shape than the model's
+    `expected` ones, as one phrase ("" when they fit); `optional` names may be absent (a tied lm_head)."""
     optional = set(optional)
-    refuse_mismatch(where, missing=[k for k in expected if k not in found and k not in optional],
-                    unexpected=sorted(k for k in found if k not in expected),
-                    mis_shaped=sorted((k, found[k], v) for k, v in expected.items()
-                                      if k in found and tuple(found[k]) != tuple(v)))
+    return mismatch_summary(missing=[k for k in expected if k not in found and k not in optional],
+                            unexpected=sorted(k for k in found if k not in expected),
+                            mis_shaped=sorted((k, tuple(found[k]), tuple(v)) for k, v in expected.items()
+                                              if k in found and tuple(found[k]) != tuple(v)))
 
 
-def refuse_mismatch(where: str, missing: list[str], unexpected: list[str],
-                    mis_shaped: list[tuple[str, tuple, tuple]]) -> None:
-    """FileError listing missing, unexpected and (name, checkpoint shape, model shape) mis-shaped tensors, if any."""
+def mismatch_summary(missing: list[str], unexpected: list[str], mis_shaped: list[tuple[str, tuple, tuple]]) -> str:
+    """'n missing tensor(s): a, b; n unexpected ...; n mis-shaped tensor(s): name [ckpt] (model: [model])', or ""."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing tensor(s): {_listed(missing)}")
@@ -116,9 +115,24 @@ def refuse_mismatch(where: str, missing: list[str], unexpected: list[str],
     if mis_shaped:
         shapes = [f"{k} {list(c)} (model: {list(m)})" for k, c, m in mis_shaped]
         parts.append(f"{len(shapes)} mis-shaped tensor(s): {_listed(shapes, 2)}")
-    if parts:
-        raise FileError(f"{where} does not match its config.json ({'; '.join(parts)}); check the config and the "
-                        "weight files")
+    return "; ".join(parts)
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str,
+                  optional: Iterable[str] = ()) -> None:
+    """FileError naming the tensors `where` (a checkpoint) does not hold as the model expects (compare_tensors)."""
+    _refuse(where, compare_tensors(expected, found, optional))
+
+
+def refuse_mismatch(where: str, missing: list[str], unexpected: list[str],
+                    mis_shaped: list[tuple[str, tuple, tuple]]) -> None:
+    """FileError listing missing, unexpected and (name, checkpoint shape, model shape) mis-shaped tensors, if any."""
+    _refuse(where, mismatch_summary(missing, unexpected, mis_shaped))
+
+
+def _refuse(where: str, summary: str) -> None:
+    if summary:
+        raise FileError(f"{where} does not match its config.json ({summary}); check the config and the weight files")
 
 
 def _file_digest(path: Path) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from common.models import hub
+from common.models.checkpoint import compare_tensors
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, wrap_linears
 
 __all__ = [
@@ -63,19 +64,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _mismatch_summary(model: nn.Module, sd: dict[str, torch.Tensor]) -> str:
-    own = model.state_dict()
-    shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    parts = []
-    if shape:
-        parts.append(f"{len(shape)} shape mismatches (first: {shape[0]})")
-    if missing:
-        parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-    return "; ".join(parts)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return compare_tensors(own, {k: tuple(v.shape) for k, v in sd.items()})
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:

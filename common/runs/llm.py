@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 from contextlib import ExitStack, contextmanager
+from typing import Iterator
 
 import torch
 
@@ -192,9 +193,11 @@ def _output_dir(args) -> str:
     return args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
 
 
-def claim_outputs(args) -> RunLock:
+@contextmanager
+def claim_outputs(args) -> Iterator[None]:
     """Before any long work: every output location of the run (--output_dir, --save_qmodel_path, --export) can be
-    written, then the lock of the output directory (taken by rank 0; every rank stops when it is held)."""
+    written; then, for the block, the lock of the output directory (held by rank 0; every rank stops when another
+    run holds it)."""
     for flag, path in (("--output_dir", _output_dir(args)), ("--save_qmodel_path", args.save_qmodel_path),
                        ("--export", args.export)):
         if path is not None:
@@ -206,10 +209,12 @@ def claim_outputs(args) -> RunLock:
         except LockError as e:
             problem = str(e)
     problem = next((p for p in distributed.all_gather_object(problem) if p), None)
-    if problem:
+    try:
+        if problem:
+            raise LockError(problem)
+        yield
+    finally:
         lock.release()
-        raise LockError(problem)
-    return lock
 
 
 def _locate_forward(model, eval_windows, open_layer):
