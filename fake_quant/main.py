@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from common.cli.exits import run_main
 from common.cli.llm import parse_args
 from common.runs.llm import run_cli
 
@@ -23,5 +24,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     t0 = time.time()
-    main()
+    run_main(main)
     log.info("done in %.1f s", time.time() - t0)

@@ -60,7 +60,7 @@ gq_print() {
 }
 
 # gq_run [--no_extra] DIR CMD...: run CMD with --output_dir DIR (and EXTRA_ARGS unless --no_extra); print it first;
-# skip it when DIR/results.json exists (unless FORCE=1); only print it with DRY_RUN=1.  A failing run stops the script
+# skip it when DIR/results.json exists and is not a failed run's (unless FORCE=1); only print it with DRY_RUN=1.  A failing run stops the script
 # (with JOBS > 1: the runs under way finish first, see gq_wait).
 gq_run() {
   local extra=("${GQ_EXTRA[@]}")
@@ -68,7 +68,7 @@ gq_run() {
   local dir=$1
   shift
   local cmd=("$@" --output_dir "$dir" "${extra[@]}")
-  if [[ $DRY_RUN != 1 && ${FORCE:-0} != 1 && -f $dir/results.json ]]; then
+  if [[ $DRY_RUN != 1 && ${FORCE:-0} != 1 && -f $dir/results.json ]] && ! grep -q '"status": "failed"' "$dir/results.json"; then
     echo "# already done: $dir/results.json"
     GQ_SKIPPED=$((GQ_SKIPPED + 1))
     return 0

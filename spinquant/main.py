@@ -18,6 +18,7 @@ import logging
 import os
 import time
 
+from common.cli.exits import run_main
 from common.cli.llm import build_parser as llm_parser
 from common.cli.llm import check_args, run_name
 from common.models import llm
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Rotat
     args = p.parse_args(argv)
     if args.load_qmodel_path is not None:
         p.error("--load_qmodel_path: evaluate saved models with fake_quant/main.py (the rotation is already in them)")
+    args.rotate = True  # before the checks: the rotation flags (--rotation_seed, --fp32_had) are in use
     check_args(p, args)
-    args.rotate = True
     args.rotate_mode = "spinquant"
     try:
         rot = load_rotations(os.path.expanduser(args.optimized_rotation_path), llm.read_config(args.model))
@@ -81,5 +82,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     t0 = time.time()
-    main()
+    run_main(main)
     log.info("done in %.1f s", time.time() - t0)

@@ -25,7 +25,6 @@ import argparse
 import logging
 import math
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from common.cli import flags, types
 from common.cli.device import device_flag
+from common.cli.exits import one_line_errors, run_main
 from common.models.cayley import CayleySGD, orthogonality_error
 from common.pipeline import distributed
 from common.quant.act_quant import ActQuantizer, ActQuantLinear
@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate everything checkable before loading weights; errors are one line, exit status 2."""
+    from common.cli.llm import warn_long_seqlen
     from common.data.text import check_dataset_arg
+    from common.models.files import check_output_dir, check_output_file
     from common.models.llm import LLMError, check_config, read_config
 
     p = build_parser()
@@ -298,10 +300,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--bsz {a.bsz} is smaller than the {procs} torchrun processes (each needs a sample per step)")
     if a.w_bits == a.a_bits == a.k_bits == a.v_bits == 16:
         p.error("nothing is quantized (--w_bits/--a_bits/--k_bits/--v_bits all 16): no rotation to learn")
-    out = Path(os.path.expanduser(a.output_rotation_path))
-    if out.is_dir():
-        p.error(f"--output_rotation_path: {a.output_rotation_path} is a directory; expected a file path")
+    flags.check_act_flags(p, a)
+    flags.check_kv_flags(p, a)
     try:
+        check_output_file(a.output_rotation_path, "--output_rotation_path")
+        check_output_dir(_output_dir(a), "--output_dir")
         check_dataset_arg(a.cal_dataset, "--cal_dataset")
         config = read_config(a.model)
         check_config(config)
@@ -312,6 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if is_moe_config(config):
         p.error(f"--model: rotation training does not support mixture-of-experts models ({config.model_type}) yet; "
                 "QuaRot's --rotate in fake_quant/main.py does")
+    warn_long_seqlen(a.seqlen, config)
     dev = device_flag(p, a)
     a.dtype = a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     _check_group_sizes(p, a, config)
@@ -340,6 +344,10 @@ def _settings(a: argparse.Namespace):
 def run_name(a: argparse.Namespace) -> str:
     base = os.path.basename(os.path.normpath(os.path.expanduser(a.model)))
     return f"{base}_w{a.w_bits}a{a.a_bits}k{a.k_bits}v{a.v_bits}_rotation"
+
+
+def _output_dir(a: argparse.Namespace) -> str:
+    return a.output_dir or os.path.join("outputs", "spinquant", run_name(a))
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -393,7 +401,7 @@ def run(a: argparse.Namespace) -> dict:
               "initial_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
               "ortho_err": history[-1]["ortho_err"], "history": history, "time_s": timer.summary(),
               "device": str(device), "world_size": distributed.world_size()}
-    out = write_results(a.output_dir or os.path.join("outputs", "spinquant", run_name(a)), result)
+    out = write_results(_output_dir(a), result)
     print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; wrote {path} and {out}")
     return result
 
@@ -402,15 +410,16 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from common.models.files import FileError
     from common.models.llm import LLMError
 
     try:
-        return run(a)
-    except LLMError as e:
-        raise SystemExit(f"error: {e}") from None
+        with one_line_errors((LLMError, FileError), lambda: "nothing was written (the rotation file and "
+                                                            "results.json are written at the end)"):
+            return run(a)
     finally:
         distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

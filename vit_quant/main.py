@@ -7,6 +7,7 @@ The flags are common/cli/vit.py's, the pipeline common/runs/vit.py's (see its do
 """
 from __future__ import annotations
 
+from common.cli.exits import run_main
 from common.cli.vit import parse_args
 from common.runs.vit import run_cli
 
@@ -16,4 +17,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,8 +16,8 @@ from common.models.kv_quant import KVQuantConfig
 from common.quant.act_quant import ActQuantSettings
 from common.solver.config import BACKENDS, GROUP_FITS, QUANT_ORDERS, ConfigError, GPTAQConfig, SolverConfig
 
-__all__ = ["add_weight_flags", "add_act_flags", "add_kv_flags", "check_weight_flags", "solver_config",
-           "act_settings", "kv_config", "quant_flag_names"]
+__all__ = ["add_weight_flags", "add_act_flags", "add_kv_flags", "check_weight_flags", "check_act_flags",
+           "check_kv_flags", "warn_idle", "solver_config", "act_settings", "kv_config", "quant_flag_names"]
 
 _S, _G, _A, _KV = SolverConfig(), GPTAQConfig(), ActQuantSettings(), KVQuantConfig()
 # SolverConfig / GPTAQConfig field -> the flag that sets it (error messages name the flag)
@@ -103,8 +103,21 @@ def quant_flag_names(p: argparse.ArgumentParser) -> list[str]:
     return [a.dest for g in p._action_groups if g.title in titles for a in g._group_actions]
 
 
+def warn_idle(p: argparse.ArgumentParser, a: argparse.Namespace, names: list[str], why: str) -> None:
+    """One warning naming the flags among `names` that are set (differ from their defaults) although `why`
+    says they do nothing."""
+    idle = [f"--{n}" for n in names if hasattr(a, n) and getattr(a, n) != p.get_default(n)]
+    if idle:
+        warnings.warn(f"{' '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect {why}", stacklevel=3)
+
+
+_SOLVE_ONLY = ["percdamp", "act_order", "static_groups", "group_fit", "order", "quant_order", "solver"]
+_GPTAQ_ONLY = ["alpha", "gptaq_exact", "gptaq_p_only"]
+
+
 def check_weight_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> SolverConfig:
-    """The combination rules of the weight flags, then the SolverConfig (its own range checks, reported by flag)."""
+    """The combination rules of the weight flags, warnings for flags that do nothing, then the SolverConfig (its
+    own range checks, reported by flag)."""
     if a.gptaq and a.w_rtn:
         p.error("--gptaq and --w_rtn are exclusive (GPTAQ is a GPTQ-style solver; RTN uses no calibration)")
     if a.gptaq_exact and not a.gptaq:
@@ -114,14 +127,30 @@ def check_weight_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> Sol
     if a.static_groups and a.w_groupsize == -1:
         p.error("--static_groups needs --w_groupsize > 0")
     if a.w_bits == 16:
-        idle = [f"--{f}" for f in ("w_rtn", "gptaq", "gptaq_exact", "gptaq_p_only", "act_order", "static_groups")
-                if getattr(a, f)]
-        if idle:
-            warnings.warn(f"{' '.join(idle)} has no effect with --w_bits 16 (weights are not quantized)")
+        warn_idle(p, a, ["w_groupsize", "w_asym", "w_clip", "w_rtn", "gptaq", *_GPTAQ_ONLY, *_SOLVE_ONLY],
+                  "with --w_bits 16 (weights are not quantized)")
+    elif a.w_rtn:
+        warn_idle(p, a, _SOLVE_ONLY, "with --w_rtn (round to nearest: no calibration, no solver)")
+    elif not a.gptaq:
+        warn_idle(p, a, ["alpha"], "without --gptaq")
     try:
         return solver_config(a)
     except ConfigError as e:
         p.error(f"--{_SOLVER_FLAGS.get(e.field, e.field)}: {e.reason}")
+
+
+def check_act_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Warn for activation flags that do nothing at --a_bits 16."""
+    if a.a_bits == 16:
+        warn_idle(p, a, ["a_groupsize", "a_asym", "a_clip_ratio"], "with --a_bits 16 (activations are not quantized)")
+
+
+def check_kv_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Warn for key / value flags that do nothing while that cache is not quantized."""
+    for kv, name in (("k", "keys"), ("v", "values")):
+        if getattr(a, f"{kv}_bits") == 16:
+            names = [f"{kv}_groupsize", f"{kv}_asym", f"{kv}_clip_ratio"] + (["k_pre_rope"] if kv == "k" else [])
+            warn_idle(p, a, names, f"with --{kv}_bits 16 ({name} are not quantized)")
 
 
 def solver_config(a: argparse.Namespace, **changes) -> SolverConfig:

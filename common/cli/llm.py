@@ -17,8 +17,8 @@ from common.models.kv_quant import KVQuantConfig
 from common.quant.act_quant import ActQuantSettings
 from common.solver import SolverConfig
 
-__all__ = ["parse_args", "build_parser", "check_args", "settings", "validate_model_config", "method_name", "run_name",
-           "SAVED_FLAGS"]
+__all__ = ["parse_args", "build_parser", "check_args", "settings", "validate_model_config", "warn_long_seqlen",
+           "method_name", "run_name", "SAVED_FLAGS"]
 
 QUANT_FILE = "gptaq_quant.json"
 DEFAULT_TASKS = ["piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai"]
@@ -161,6 +161,10 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         elif looks_like_path(a.model):
             p.error(f"--model: local model directory {a.model} does not exist")
     flags.check_weight_flags(p, a)
+    flags.check_act_flags(p, a)
+    flags.check_kv_flags(p, a)
+    if not a.rotate:
+        flags.warn_idle(p, a, ["rotate_mode", "rotation_seed", "fp32_had"], "without --rotate")
     _check_stream(p, a)
     for flag in ("lm_eval_num_fewshot", "lm_eval_chat_template"):
         if getattr(a, flag) not in (None, False) and not a.lm_eval:
@@ -259,8 +263,8 @@ def _check_export(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def validate_model_config(args: argparse.Namespace, config) -> None:
-    """Checks that need only config.json: supported architecture and group sizes dividing the layer widths.
-    Raises SystemExit with a one-line message."""
+    """Checks that need only config.json: supported architecture and group sizes dividing the layer widths
+    (a warning for a --seqlen beyond the model's positions).  Raises SystemExit with a one-line message."""
     from common.models import moe
     from common.models.llm import LLMError, check_config, head_dim, linear_in_features
 
@@ -284,6 +288,7 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
         size = getattr(args, flag)
         if size > 0 and hd % size:
             raise SystemExit(f"error: --{flag} {size} does not divide head_dim {hd}")
+    warn_long_seqlen(args.seqlen, config)
     if getattr(args, "export", None):
         from common.io.export import ExportError, check_export_config
 
@@ -303,6 +308,14 @@ def _check_moe(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{flag} does not support mixture-of-experts models yet; run without it")
     if distributed.launched():
         raise SystemExit("error: mixture-of-experts models run in one process; launch without torchrun")
+
+
+def warn_long_seqlen(seqlen: int, config) -> None:
+    """Warn when --seqlen exceeds the positions the model was trained for (config.max_position_embeddings)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        warnings.warn(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {limit}: the windows are "
+                      "longer than any sequence it was trained on", stacklevel=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -54,4 +54,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     flags.check_weight_flags(p, args)
+    flags.check_act_flags(p, args)
     return args

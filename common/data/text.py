@@ -26,11 +26,16 @@ from pathlib import Path
 
 import torch
 
+from common.models import hub
+
 __all__ = ["DATASETS", "FILE_TYPES", "Conversation", "check_dataset_arg", "documents_from_rows", "load_documents",
            "tokenize_text", "render_conversations", "calibration_windows", "evaluation_windows", "get_calibration_data", "get_eval_data"]
 
 DATASETS = ("wikitext2", "c4", "ptb")
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
+# what datasets.load_dataset reads from a plain directory
+DIRECTORY_FILE_TYPES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv", ".txt", ".json.gz", ".jsonl.gz")
+ROLE_FLAGS = {"train": "--cal_dataset", "test": "--eval_dataset"}
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 C4_EVAL_WINDOWS = 256
 C4_EVAL_SEED = 0
@@ -77,11 +82,16 @@ def documents_from_rows(rows, where: str = "data") -> list[str | Conversation]:
 
 
 def check_dataset_arg(value: str, flag: str = "--dataset") -> str:
-    """Cheap validation of a dataset argument (name, or existing file with an accepted extension, or directory)."""
+    """Cheap validation of a dataset argument (name, or existing file with an accepted extension, or directory
+    holding data files)."""
     if value in DATASETS:
         return value
     path = Path(value)
     if path.is_dir():
+        if not any(f.is_file() and f.name.lower().endswith(DIRECTORY_FILE_TYPES) and not f.name.startswith(".")
+                   for f in path.rglob("*")):
+            raise ValueError(f"{flag}: directory '{value}' holds no data files ({', '.join(DIRECTORY_FILE_TYPES)}); "
+                             f"expected {_valid_choices()}")
         return value
     if path.is_file():
         if path.suffix.lower() not in FILE_TYPES:
@@ -90,15 +100,23 @@ def check_dataset_arg(value: str, flag: str = "--dataset") -> str:
     raise ValueError(f"{flag}: '{value}' is neither a known dataset nor an existing path; expected {_valid_choices()}")
 
 
-def _hub(what: str, *args, **kwargs):
+def _hub(what: str, role: str, *args, **kwargs):
+    """datasets.load_dataset(*args, **kwargs) of the hub dataset `what` (role: the split it serves, "train" or
+    "test"); offline it fails at once, saying which flag takes a local file instead."""
     import datasets
 
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        with hub.offline_unless_reachable():
+            return datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # offline: ConnectionError / LocalEntryNotFoundError / DatasetNotFoundError ...
+        flag = ROLE_FLAGS[role]
+        if not hub.reachable():
+            raise RuntimeError(f"{flag} {what}: the Hugging Face Hub is not reachable and '{what}' is not in the "
+                               f"local cache; pass a local .txt, .jsonl or .parquet file instead ({flag} FILE; see "
+                               "scripts/get_assets.sh)") from None
         raise RuntimeError(f"could not load dataset '{what}' from the Hugging Face Hub or its cache "
                            f"({type(e).__name__}: {e}). Without internet pass a local .txt/.jsonl/.parquet file "
-                           f"instead (see scripts/get_assets.sh).") from e
+                           f"instead ({flag}; see scripts/get_assets.sh).") from e
 
 
 def _column(ds, field: str, where: str) -> list[str]:
@@ -107,12 +125,45 @@ def _column(ds, field: str, where: str) -> list[str]:
     return list(ds[field])
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file; ValueError naming it when it is binary."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); expected "
+                         "a plain-text file") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: holds NUL bytes (a binary or zeroed file); expected a plain-text file")
+    return text
+
+
+def _jsonl_documents(path: Path) -> list[str | Conversation]:
+    """One document per non-empty line: a text row {"text"} or a chat row {"messages"} / {"prompt", "response"}."""
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line "
+                             "('text', 'messages' or 'prompt' + 'response')") from None
+        docs.append(_row_document(row, f"{path}:{lineno}"))
+    if len({isinstance(d, Conversation) for d in docs}) > 1:
+        raise ValueError(f"{path}: mixes text rows and chat rows; use one kind per file")
+    return docs
+
+
 def _local_documents(path: Path, split: str) -> list[str]:
     suffix = path.suffix.lower()
     if path.is_dir():
         import datasets
 
-        dsd = datasets.load_dataset(str(path))
+        try:
+            dsd = datasets.load_dataset(str(path))
+        except Exception as e:  # noqa: BLE001 - datasets rejects unreadable folders with many exception types
+            raise ValueError(f"dataset directory '{path}' cannot be read by datasets.load_dataset "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         order = ["train"] if split == "train" else ["test", "validation"]
         names = [s for s in order if s in dsd] or (list(dsd) if len(dsd) == 1 else [])
         if not names:
@@ -120,25 +171,17 @@ def _local_documents(path: Path, split: str) -> list[str]:
                              f"{' or '.join(order)} (or a single split)")
         return _column(dsd[names[0]], "text", f"dataset directory '{path}' split '{names[0]}'")
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [_read_text(path)]
     if suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-                docs.append(_row_document(row, f"{path}:{lineno}"))
-        if len({isinstance(d, Conversation) for d in docs}) > 1:
-            raise ValueError(f"{path}: mixes text rows and chat rows; use one kind per file")
-        return docs
+        return _jsonl_documents(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError) for non-parquet files
+            raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if "text" not in table.column_names:
             raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
         return [t for t in table.column("text").to_pylist() if t is not None]
@@ -151,12 +194,12 @@ def load_documents(name_or_path: str, split: str) -> list[str | Conversation]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got '{split}'")
     if name_or_path == "wikitext2":
-        return _column(_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split=split), "text", "wikitext2")
+        return _column(_hub("wikitext2", split, "wikitext", "wikitext-2-raw-v1", split=split), "text", "wikitext2")
     if name_or_path == "ptb":
-        return _column(_hub("ptb", "ptb_text_only", "penn_treebank", split=split), "sentence", "ptb")
+        return _column(_hub("ptb", split, "ptb_text_only", "penn_treebank", split=split), "sentence", "ptb")
     if name_or_path == "c4":
         shard = C4_FILES["train" if split == "train" else "validation"]
-        return _column(_hub("c4", "allenai/c4", data_files={split: shard}, split=split), "text", "c4")
+        return _column(_hub("c4", split, "allenai/c4", data_files={split: shard}, split=split), "text", "c4")
     path = Path(name_or_path)
     if not path.exists():
         raise ValueError(f"unknown dataset '{name_or_path}': expected {_valid_choices()}")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from common.models import moe
+from common.models.files import ordinary_permissions
 from common.quant.act_quant import ActQuantLinear
 from common.solver import QuantResult, SolverConfig
 
@@ -230,15 +231,6 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _readable(directory: Path) -> None:
-    """mkdtemp makes the folder (and safetensors the file) private; an export is shared like save_pretrained's."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
 def plain_tensor(value: torch.Tensor, dtype: str | torch.dtype) -> torch.Tensor:
     """A non-quantized tensor as the export stores it: floating tensors in the export dtype, on the CPU."""
     value = value.detach().cpu()
@@ -273,7 +265,7 @@ def write_export_files(directory: str | os.PathLike, config, qcfg: dict, dtype: 
         tokenizer.save_pretrained(str(directory))
     if generation_config is not None:
         generation_config.save_pretrained(str(directory))
-    _readable(directory)
+    ordinary_permissions(directory)  # mkdtemp and safetensors make them private
 
 
 def export_gptq(model: nn.Module, results: Mapping[str, QuantResult | dict[str, torch.Tensor]],

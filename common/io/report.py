@@ -141,6 +141,9 @@ def load_rows(folder: str | os.PathLike) -> tuple[list[dict], list[str]]:
         except (OSError, ValueError) as e:
             notes.append(f"skipped {path}: not readable JSON ({type(e).__name__})")
             continue
+        if isinstance(rec, dict) and rec.get("status") == "failed":
+            notes.append(f"skipped {path}: the run failed ({rec.get('error', 'no message')})")
+            continue
         group = str(rel.parent)  # "." for a run directly below the folder
         row = row_from_record(rec, run=str(rel), group=group) if isinstance(rec, dict) else None
         if row is None:

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from common.models.files import ordinary_permissions
+
 __all__ = ["git_commit", "environment", "PhaseTimer", "peak_memory", "reset_peak_memory", "to_jsonable",
            "write_json", "write_results", "markdown_table"]
 
@@ -115,7 +117,7 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON atomically (temp file in the same directory, then os.replace)."""
+    """Write JSON atomically (temp file in the same directory, then os.replace), mode 0666 minus the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -123,6 +125,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
             f.write("\n")
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -18,12 +18,15 @@ import torch
 from torch import nn
 
 from common.models import moe
+from common.models import checkpoint, hub
+from common.models.files import FileError, ordinary_permissions, read_json
 from common.models.hadamard import OnlineHadamard
 from common.models.stages import BlockStages
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "looks_like_path", "read_config",
-           "check_config", "linear_in_features", "load_model", "load_tokenizer", "decoder_layers",
+__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "as_llm_error", "looks_like_path",
+           "read_config", "check_config", "linear_in_features", "check_weight_files", "load_model", "load_tokenizer",
+           "decoder_layers",
            "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
            "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
            "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
@@ -43,7 +46,7 @@ LAYER_GROUPS = (
 
 
 class LLMError(ValueError):
-    """Bad model argument: unsupported architecture, missing directory, unreadable config."""
+    """Bad model argument: unsupported architecture, missing directory, unreadable config or weights."""
 
 
 def looks_like_path(value: str) -> bool:
@@ -61,17 +64,45 @@ def read_config(name_or_path: str, flag: str = "--model"):
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise LLMError(f"{flag}: {name_or_path} is a file; expected a model directory or a hub id")
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
             raise LLMError(f"{flag}: directory {name_or_path} has no config.json")
-        return AutoConfig.from_pretrained(path)
+        if not isinstance(_read_json(file, "a transformers model config (a JSON object)", flag), dict):
+            raise LLMError(f"{flag}: {file} is not a JSON object; expected a transformers model config")
+        try:
+            return AutoConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - transformers rejects bad configs with many exception types
+            raise LLMError(f"{flag}: {file} is not a valid transformers config ({type(e).__name__}: "
+                           f"{_first_line(e)})") from None
     if looks_like_path(name_or_path):
         raise LLMError(f"{flag}: local model directory {name_or_path} does not exist")
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        with hub.offline_unless_reachable():
+            return AutoConfig.from_pretrained(name_or_path)
     except Exception as e:  # noqa: BLE001 - hub / network errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not hub.reachable():
+            raise LLMError(f"{flag}: {name_or_path!r} is not a local directory, the Hugging Face Hub is not "
+                           "reachable and the model is not in its local cache; pass a local model directory "
+                           f"({flag} path/to/model)") from None
         raise LLMError(f"{flag}: cannot read the config of {name_or_path!r} (not a local directory, and the hub "
-                       f"lookup failed: {first})") from None
+                       f"lookup failed: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def as_llm_error(e: FileError, flag: str) -> LLMError:
+    """A FileError of the files behind `flag` as an LLMError whose message starts with the flag."""
+    return LLMError(str(e) if str(e).startswith(flag) else f"{flag}: {e}")
+
+
+def _read_json(path: str, expected: str, flag: str):
+    try:
+        return read_json(path, expected)
+    except FileError as e:
+        raise as_llm_error(e, flag) from None
 
 
 def check_config(config) -> None:
@@ -97,21 +128,53 @@ def linear_in_features(config) -> dict[str, int]:
             "down_proj": config.intermediate_size}
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, flag: str = "--model"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
+    except Exception as e:  # noqa: BLE001 - a corrupt tokenizer file fails in many ways
+        raise LLMError(f"{flag}: cannot load the tokenizer of {name_or_path} ({type(e).__name__}: "
+                       f"{_first_line(e)}); expected tokenizer.json / tokenizer_config.json") from None
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float16") -> nn.Module:
+def check_weight_files(directory: str, flag: str = "--model") -> None:
+    """Before any loading: the weight files of a local model directory exist, and every safetensors file has a
+    valid header and all the bytes it declares (truncated, zeroed or missing files are a one-line LLMError)."""
+    try:
+        checkpoint.tensor_shapes(checkpoint.weight_files(directory, flag))
+    except FileError as e:
+        raise as_llm_error(e, flag) from None
+
+
+def _check_loading_info(info: dict, where: str) -> None:
+    """The loading report of from_pretrained: nothing missing, unexpected or re-initialised for its shape."""
+    try:
+        checkpoint.refuse_mismatch(where, missing=sorted(info.get("missing_keys") or ()),
+                                   unexpected=sorted(info.get("unexpected_keys") or ()),
+                                   mis_shaped=sorted(info.get("mismatched_keys") or ()))
+    except FileError as e:
+        raise LLMError(str(e)) from None
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float16", flag: str = "--model") -> nn.Module:
     """AutoModelForCausalLM on CPU in `dtype`, eval mode, no KV cache (MoE experts as
-    `common.models.moe.RoutedExperts`); raises LLMError for unsupported models."""
+    `common.models.moe.RoutedExperts`); raises LLMError for unsupported models
+    and for checkpoints that do not hold exactly the tensors of their config (missing, unexpected, mis-shaped)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    check_config(read_config(name_or_path))
-    model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype,
-                                                 low_cpu_mem_usage=True)
+    check_config(read_config(name_or_path, flag))
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        check_weight_files(path, flag)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LLMError(f"{flag}: cannot load the weights of {name_or_path} ({type(e).__name__}: "
+                       f"{_first_line(e)})") from None
+    _check_loading_info(info, f"{flag}: the checkpoint in {name_or_path}")
     model.config.use_cache = False
     moe.convert_experts(model)
     return model.eval()
@@ -324,6 +387,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str, spec: dict,
 
             save_file(flatten_grids(grids), os.path.join(tmp, GRID_FILE), metadata={"format": "pt"})
         write_quant_file(tmp, model.config, spec)
+        ordinary_permissions(tmp)
         publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -338,17 +402,24 @@ def write_quant_file(directory: str, config, spec: dict) -> None:
 
 
 def publish_directory(tmp: str, path: str) -> None:
-    """Move the finished directory `tmp` to `path` (a sibling), replacing an earlier one there."""
+    """Move the finished directory `tmp` to `path` (a sibling), replacing an earlier one there; the earlier one
+    is put back if the move fails or is interrupted."""
     import shutil
     import tempfile
 
-    if os.path.isdir(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+    if not os.path.isdir(path):
+        os.replace(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+    try:
         os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(os.path.join(old, "x"), path)
+            raise
+    finally:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -356,16 +427,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def read_quant_spec(path: str) -> dict:
-    """QUANT_FILE of a directory written by save_quantized."""
+def read_quant_spec(path: str, flag: str = "--load_qmodel_path") -> dict:
+    """QUANT_FILE of a directory written by save_quantized (its format and the fields a rebuild needs checked)."""
     file = os.path.join(os.path.expanduser(path), QUANT_FILE)
-    try:
-        with open(file) as f:
-            spec = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise LLMError(f"--load_qmodel_path: cannot read {file}: {e}") from None
+    spec = _read_json(file, f"the {QUANT_FILE} written by --save_qmodel_path", flag)
+    if not isinstance(spec, dict):
+        raise LLMError(f"{flag}: {file} holds a {type(spec).__name__}; expected a JSON object")
     if spec.get("format") != QUANT_FORMAT:
-        raise LLMError(f"--load_qmodel_path: {file} has format {spec.get('format')!r}, expected {QUANT_FORMAT}")
+        raise LLMError(f"{flag}: {file} has format {spec.get('format')!r}, expected {QUANT_FORMAT}")
+    try:
+        make_rebuild_layer(spec)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise LLMError(f"{flag}: {file} does not describe the quantizers ({type(e).__name__}: {_first_line(e)}); "
+                       "expected the act_quant, kv_quant and rotation records of --save_qmodel_path") from None
     return spec
 
 
@@ -373,7 +447,7 @@ def load_quantized(path: str, dtype: str | torch.dtype | None = None) -> tuple[n
     """Rebuild a model saved by save_quantized: weights, online Hadamards (R4 on down_proj), KV / activation
     quantizers, all switched on.  dtype None = the saved dtype.  Returns (model, spec)."""
     spec = read_quant_spec(path)
-    model = load_model(path, dtype or spec.get("dtype") or "float16")
+    model = load_model(path, dtype or spec.get("dtype") or "float16", flag="--load_qmodel_path")
     rebuild = make_rebuild_layer(spec)
     for layer in decoder_layers(model):
         rebuild(layer)

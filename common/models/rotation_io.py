@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from common.models.files import ordinary_permissions
+
 __all__ = ["RotationSet", "model_dims", "save_rotations", "load_rotations", "check_against_model", "r2_key"]
 
 FORMAT = "gptaq-spinquant-rotations"
@@ -75,6 +77,7 @@ def save_rotations(path: str | os.PathLike, R1: torch.Tensor, R2: list[torch.Ten
     os.close(fd)
     try:
         torch.save(state, tmp)
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

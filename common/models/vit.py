@@ -7,6 +7,7 @@ takes a per-token activation quantizer on its input (`common.quant.act_quant`); 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common.models import hub
+from common.models.checkpoint import compare_tensors
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, wrap_linears
 
 __all__ = [
@@ -61,19 +64,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _mismatch_summary(model: nn.Module, sd: dict[str, torch.Tensor]) -> str:
-    own = model.state_dict()
-    shape = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    parts = []
-    if shape:
-        parts.append(f"{len(shape)} shape mismatches (first: {shape[0]})")
-    if missing:
-        parts.append(f"{len(missing)} missing keys (first: {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-    return "; ".join(parts)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return compare_tensors(own, {k: tuple(v.shape) for k, v in sd.items()})
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -104,13 +96,16 @@ def create_model(name: str, checkpoint: str | None = None, model_kwargs: dict | 
                             "'vit_*', 'eva02_*')")
     kwargs = dict(model_kwargs or {})
     try:
-        model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
+        with hub.offline_unless_reachable() if checkpoint is None else contextlib.nullcontext():
+            model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
     except TypeError as e:
         raise VitModelError(f"--model_kwargs: timm rejected {kwargs} for {name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - hub download failures come in many types
         if checkpoint is None:
-            raise VitModelError(f"--model: could not fetch pretrained weights for {name} from the Hugging Face "
-                                f"Hub ({type(e).__name__}); offline, pass --checkpoint <file.safetensors|.pth>") from None
+            where = "the Hub is not reachable and they are not in the local cache" if not hub.reachable() else \
+                f"fetching them from the Hugging Face Hub failed ({type(e).__name__})"
+            raise VitModelError(f"--model: no pretrained weights for {name}: {where}; offline, pass "
+                                "--checkpoint <file.safetensors|.pth>") from None
         raise VitModelError(f"--model: timm could not build {name} with {kwargs}: {e}") from None
     check_supported(model)
     if checkpoint is not None:

@@ -7,7 +7,10 @@ After block l is quantized the driver commits, in one directory,
 Every file goes to a temporary name first and is renamed into place (os.replace), so a kill at any moment leaves the
 last commit intact.  A later run with the same configuration fingerprint loads the weights of blocks 0..l, restores
 the streams and continues; since block l+1 then sees exactly the tensors it would have seen, the result equals an
-uninterrupted run's.  A different fingerprint is an error naming what differs.
+uninterrupted run's.  A different fingerprint is an error naming what differs; the run's fingerprint covers the
+model's files (common.models.checkpoint.fingerprint) and the calibration tokens.  `check` also reads the shape of
+state.json and the table of contents of every file it will need (a truncated file is an error before any long
+work), and `finish` marks the state complete once the run's results are written.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.models.files import ordinary_permissions
 from common.pipeline import distributed
 from common.io.results import to_jsonable, write_json
 from common.solver import QuantResult
 
-__all__ = ["ResumeError", "ResumeState", "STATE_FILE"]
+__all__ = ["ResumeError", "ResumeState", "STATE_FILE", "saved_blocks"]
 
 STATE_FILE = "state.json"
 FORMAT = 1
@@ -63,6 +68,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -98,13 +104,8 @@ class ResumeState:
         path = self.directory / STATE_FILE
         if not path.is_file():
             return None
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ResumeError(f"--resume: cannot read {path}: {e}") from None
-        if state.get("format") != FORMAT:
-            raise ResumeError(f"--resume: {path} has format {state.get('format')!r}, expected {FORMAT}")
-        diff = differences(state.get("fingerprint", {}), self.fingerprint)
+        state = _read_state(path)
+        diff = differences(state["fingerprint"], self.fingerprint)
         if diff:
             raise ResumeError(f"--resume: {self.directory} holds a run with a different configuration "
                               f"({'; '.join(diff)}); use another --output_dir or delete that directory")
@@ -112,9 +113,21 @@ class ResumeState:
 
     def check(self) -> int:
         """The number of blocks already finished (0 when nothing is saved yet); raises ResumeError when the saved
-        state belongs to a different configuration.  Cheap: call it before any long work."""
+        state belongs to a different configuration or a file it needs is missing or truncated.  Cheap (reads
+        state.json and each file's table of contents): call it before any long work."""
         state = self._state()
-        return 0 if state is None else int(state["next_block"])
+        if state is None:
+            return 0
+        needed = [self.directory / f"layer_{b:04d}.pt" for b in range(state["next_block"])]
+        if state.get("streams", False):
+            needed.append(self._streams_path(state["next_block"], distributed.rank()))
+        for path in needed:
+            try:
+                zipfile.ZipFile(path).close()
+            except (OSError, zipfile.BadZipFile) as e:
+                raise ResumeError(f"--resume: {path} is missing or truncated ({type(e).__name__}); delete "
+                                  f"{self.directory} to start over") from None
+        return int(state["next_block"])
 
     def load(self) -> tuple[int, list[dict]]:
         """(next_block, records of the finished blocks)."""
@@ -141,7 +154,7 @@ class ResumeState:
     def _load(self, path: Path) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - a truncated or overwritten file fails in many ways
             raise ResumeError(f"--resume: cannot read {path}: {str(e).splitlines()[0] if str(e) else e}") from None
 
     def _streams_path(self, block: int, rank: int) -> Path:
@@ -169,7 +182,42 @@ class ResumeState:
         if not distributed.is_main():
             return
         write_json(self.directory / STATE_FILE, {"format": FORMAT, "fingerprint": self.fingerprint,
-                                                 "next_block": next_block, "records": records})
+                                                 "next_block": next_block, "records": records,
+                                                 "streams": bool(xq)})
         for path in self.directory.glob("streams_*_rank*.pt"):
             if int(path.name.split("_")[1]) < next_block:  # later ones may already be another rank's next commit
                 path.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """Mark the state complete (rank 0, after the run's results are written): a later --resume of the same
+        configuration loads every block and solves nothing."""
+        path = self.directory / STATE_FILE
+        if distributed.is_main() and path.is_file():
+            write_json(path, {**_read_state(path), "complete": True})
+
+
+def _read_state(path: Path) -> dict:
+    """state.json, checked for the fields resuming reads."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeError(f"--resume: cannot read {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise ResumeError(f"--resume: {path} holds a {type(state).__name__}; expected a JSON object")
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"--resume: {path} has format {state.get('format')!r}, expected {FORMAT}")
+    shape = {"fingerprint": dict, "next_block": int, "records": list}
+    wrong = [k for k, t in shape.items() if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if wrong or state["next_block"] < 0:
+        raise ResumeError(f"--resume: {path} is damaged (field {(wrong or ['next_block'])[0]!r}); expected "
+                          "{format, fingerprint: {...}, next_block: n >= 0, records: [...]}; delete "
+                          f"{path.parent} to start over")
+    return state
+
+
+def saved_blocks(directory: str | os.PathLike) -> int:
+    """How many blocks the resume state in `directory` holds (0 when there is none or it cannot be read)."""
+    try:
+        return _read_state(Path(directory) / STATE_FILE)["next_block"]
+    except ResumeError:
+        return 0

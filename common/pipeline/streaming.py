@@ -30,7 +30,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from common.models import llm
+from common.models import checkpoint, llm
+from common.models.files import FileError, ordinary_permissions
 from common.models.rotation import Rotation
 from common.quant.act_quant import ActQuantLinear
 
@@ -38,8 +39,7 @@ __all__ = ["SafetensorsCheckpoint", "CheckpointWriter", "build_skeleton", "check
            "load_module", "release_module", "LayerStream", "quantize_checkpoint", "open_quantized",
            "check_saved_exportable", "export_saved", "keeps_grids"]
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE, INDEX_FILE = checkpoint.SINGLE_FILE, checkpoint.INDEX_FILE
 LAYERS_PREFIX = "model.layers."
 
 
@@ -52,24 +52,33 @@ class SafetensorsCheckpoint:
         self.directory = os.path.expanduser(directory)
         if not os.path.isdir(self.directory):
             raise llm.LLMError(f"{flag}: streaming needs a local model directory, {directory} is none")
-        index_path, single_path = (os.path.join(self.directory, f) for f in (index, single))
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    self.files = dict(json.load(f)["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise llm.LLMError(f"{flag}: cannot read {index_path}: {e}") from None
-        elif os.path.isfile(single_path):
-            from safetensors import safe_open
-
-            with safe_open(single_path, framework="pt") as f:
-                self.files = {k: single for k in f.keys()}
-        else:
+        if not any(os.path.isfile(os.path.join(self.directory, f)) for f in (index, single)):
             raise llm.LLMError(f"{flag}: {directory} has neither {single} nor {index}; streaming reads "
                                "safetensors checkpoints only")
-        for name in sorted(set(self.files.values())):
-            if not os.path.isfile(os.path.join(self.directory, name)):
-                raise llm.LLMError(f"{flag}: shard {name} listed in {index} is missing from {directory}")
+        self.files: dict[str, str] = {}  # tensor name -> shard file name
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        try:
+            for path in checkpoint.weight_files(self.directory, flag, single, index):
+                for name, entry in checkpoint.safetensors_header(path).items():
+                    self.files[name], self.shapes[name] = path.name, tuple(entry["shape"])
+        except FileError as e:
+            raise llm.as_llm_error(e, flag) from None
+        self.flag = flag
+
+    def check_fits(self, model: nn.Module) -> None:
+        """LLMError unless the checkpoint holds exactly the tensors (names and shapes) of the skeleton `model`
+        (an lm_head tied to the embedding may be absent)."""
+        params = dict(model.named_parameters())
+        expected = {k: tuple(params[n].shape) for n, k in checkpoint_names(model).items()}
+        head = model.get_output_embeddings()
+        head_key = next(n for n, m in model.named_modules() if m is head) + ".weight"
+        expected.setdefault(head_key, tuple(head.weight.shape))  # a tied lm_head is named once, as the embedding
+        tied = {head_key} if getattr(model.config, "tie_word_embeddings", False) else set()
+        try:
+            checkpoint.check_tensors(expected, self.shapes, f"{self.flag}: the checkpoint in {self.directory}",
+                                     optional=tied)
+        except FileError as e:
+            raise llm.LLMError(str(e)) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -200,6 +209,7 @@ class CheckpointWriter:
                     json.dump(index, f, indent=2)
         if write_files is not None:
             write_files(self.tmp)
+        ordinary_permissions(self.tmp)
         llm.publish_directory(self.tmp, self.path)
         return self.path
 
@@ -443,6 +453,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
     ckpt = SafetensorsCheckpoint(model_dir)
     model = build_skeleton(config, dtype)
     online_r4 = export_dir is None
+    ckpt.check_fits(model)
     R1 = R2s = None
     if rotation is not None:
         try:
@@ -618,6 +629,7 @@ def open_quantized(path: str, device: torch.device | str, dtype: str | torch.dty
     dtype = _dtype(dtype or spec.get("dtype") or "float16")
     ckpt = SafetensorsCheckpoint(path, flag)
     model = build_skeleton(llm.read_config(path, flag), dtype)
+    ckpt.check_fits(model)
     _load_outer(model, ckpt, dtype)
     rebuild = llm.make_rebuild_layer(spec)
 

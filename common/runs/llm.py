@@ -23,16 +23,21 @@ import hashlib
 import logging
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
 
 import torch
 
 from common.api import llm as api
 from common.api.llm import CausalLM, seed_everything  # noqa: F401 - seed_everything: the benchmarks' import
+from common.cli.exits import RunFailed, one_line_errors
 from common.cli.llm import SAVED_FLAGS, method_name, run_name, settings, validate_model_config
+from common.eval.finite import NonFiniteError, check_metrics
 from common.eval.lm_eval_runner import require_chat_template, task_score
+from common.io.lock import LockError, RunLock
 from common.io.results import PhaseTimer, markdown_table, peak_memory, reset_peak_memory, write_results
-from common.models import llm
+from common.models import checkpoint, llm
+from common.models.files import FileError, check_output_dir
 from common.models.rotation import Rotation
 from common.pipeline import distributed
 
@@ -47,12 +52,13 @@ def rotation_of(args) -> Rotation | None:
 
 
 def resume_fingerprint(args, wcfg, act, kv, rotation: Rotation | None, cal_samples: list[torch.Tensor]) -> dict:
-    """What a --resume checkpoint must share with this run: model, dtype, calibration tokens and batching, and the
-    configuration objects (solver, activations, KV cache, rotation matrices)."""
-    model = args.model if not os.path.exists(os.path.expanduser(args.model)) else \
-        os.path.abspath(os.path.expanduser(args.model))
+    """What a --resume checkpoint must share with this run: model (path and a digest of its files), dtype,
+    calibration tokens and batching, and the configuration objects (solver, activations, KV cache, rotation
+    matrices)."""
+    local = os.path.isdir(os.path.expanduser(args.model))
+    model = os.path.abspath(os.path.expanduser(args.model)) if local else args.model
     tokens = hashlib.sha256(b"".join(t.numpy().tobytes() for t in cal_samples)).hexdigest()
-    return {"model": model, "dtype": args.dtype, "seed": args.seed, "seqlen": args.seqlen, "bsz": args.bsz,
+    return {"model": model, "model_files": checkpoint.fingerprint(model) if local else None, "dtype": args.dtype, "seed": args.seed, "seqlen": args.seqlen, "bsz": args.bsz,
             "nsamples": args.nsamples, "cal_dataset": args.cal_dataset, "calibration_sha256": tokens,
             "solver": wcfg.to_dict(), "act_quant": act.to_dict(),
             "kv_quant": dataclasses.asdict(kv), "export": bool(args.export),  # export: no online R3/R4
@@ -163,10 +169,49 @@ def _output_dir(args) -> str:
     return args.output_dir or os.path.join("outputs", "fake_quant", run_name(args))
 
 
+@contextmanager
+def claim_outputs(args) -> Iterator[None]:
+    """Before any long work: every output location of the run (--output_dir, --save_qmodel_path, --export) can be
+    written; then, for the block, the lock of the output directory (held by rank 0; every rank stops when another
+    run holds it)."""
+    for flag, path in (("--output_dir", _output_dir(args)), ("--save_qmodel_path", args.save_qmodel_path),
+                       ("--export", args.export)):
+        if path is not None:
+            check_output_dir(path, flag)
+    lock, problem = RunLock(_output_dir(args)), None
+    if distributed.is_main():
+        try:
+            lock.acquire()
+        except LockError as e:
+            problem = str(e)
+    problem = next((p for p in distributed.all_gather_object(problem) if p), None)
+    try:
+        if problem:
+            raise LockError(problem)
+        yield
+    finally:
+        lock.release()
+
+
+def _locate_forward(model, eval_windows, open_layer):
+    """A forward of the first evaluation window's first 128 tokens (for locating non-finite outputs), or None
+    when the layers are not in memory (--stream)."""
+    if open_layer is not None:
+        return None
+    ids = eval_windows[:1, :128]
+    return lambda: model(input_ids=ids.to(model.get_input_embeddings().weight.device))
+
+
 def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> dict:
     """The whole run of the parsed command line: quantize (or load with --load_qmodel_path), save / export,
     evaluate, write results.json.  rotation: the rotation to fold (default: QuaRot's from the flags when --rotate);
-    extra: more top-level entries of results.json (e.g. SpinQuant's rotation record)."""
+    extra: more top-level entries of results.json (e.g. SpinQuant's rotation record).  The output directory is
+    locked for the run's life; a non-finite metric is recorded in results.json and raised as RunFailed."""
+    with ExitStack() as outputs:
+        return _run(args, rotation, extra, outputs)
+
+
+def _run(args, rotation: Rotation | None, extra: dict | None, outputs: ExitStack) -> dict:
     from common.data.text import get_calibration_data, get_eval_data
 
     timer = PhaseTimer()
@@ -175,7 +220,7 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
     device = torch.device(args.device)
     wcfg, act, kv = settings(args)
     layers: list[dict] = []
-    scratch = None  # --stream: the temporary checkpoint evaluated from
+    scratch = resume = None  # --stream: the temporary checkpoint evaluated from
 
     if args.load_qmodel_path:
         src = args.load_qmodel_path
@@ -184,7 +229,9 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
         for key in SAVED_FLAGS:  # the quantization the loaded model carries, for the record and the run name
             if key in saved:
                 setattr(args, key, saved[key])
-        tokenizer = llm.load_tokenizer(src)
+        outputs.enter_context(claim_outputs(args))
+        llm.check_weight_files(src, "--load_qmodel_path")
+        tokenizer = llm.load_tokenizer(src, "--load_qmodel_path")
         check_chat_template(args, tokenizer)
         with timer.phase("data"), _data_errors():
             eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
@@ -201,18 +248,20 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
         model_name = saved.get("model") or src
     else:
         args.dtype = args.dtype or "float16"
+        outputs.enter_context(claim_outputs(args))
         if rotation is None:
             rotation = rotation_of(args)
         if args.save_qmodel_path:
             llm.check_save_target(args.save_qmodel_path)
         validate_model_config(args, llm.read_config(args.model))
+        if os.path.isdir(os.path.expanduser(args.model)):
+            llm.check_weight_files(args.model)
         tokenizer = llm.load_tokenizer(args.model)
         check_chat_template(args, tokenizer)
         with timer.phase("data"), _data_errors():
             cal = get_calibration_data(args.cal_dataset, tokenizer, args.nsamples, args.seqlen, args.seed) \
                 if wcfg.needs_data else []
             eval_windows = get_eval_data(args.eval_dataset, tokenizer, args.seqlen)[:args.eval_limit]
-        resume = None
         if args.resume:
             from common.pipeline.resume import ResumeState
 
@@ -220,6 +269,8 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
             log.info("--resume: %d layer(s) already done in %s", resume.check(), resume.directory)
         if args.stream:
             scratch = None if args.save_qmodel_path else os.path.join(_output_dir(args), "stream_qmodel")
+            if scratch is not None:  # deleted after the evaluation, or when the run stops before
+                outputs.callback(shutil.rmtree, scratch, ignore_errors=True)
             target = args.save_qmodel_path or scratch
             with timer.phase("quantize"):
                 layers = quantize_streamed(args, wcfg, act, kv, cal, device, tokenizer, target, rotation)
@@ -248,11 +299,7 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
                 lm.export(args.export, args.export_dtype)
         model_name = args.model
 
-    try:
-        ppl, tasks = evaluate(lm.model, tokenizer, args, eval_windows, device, timer, lm.open_layer)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    ppl, tasks = evaluate(lm.model, tokenizer, args, eval_windows, device, timer, lm.open_layer)
     result = {
         "model": model_name, "run": run_name(args), "config": vars(args).copy(), "quantization": quant,
         "seeds": {"seed": args.seed, "rotation_seed": args.rotation_seed},
@@ -260,28 +307,48 @@ def run(args, rotation: Rotation | None = None, extra: dict | None = None) -> di
         "time_s": timer.summary(), "peak_memory": peak_memory(), "device": str(device),
         "world_size": distributed.world_size(), **(extra or {}),
     }
+    metrics = {**{f"perplexity {k}": v for k, v in ppl.items()},
+               **{f"lm_eval {t}": task_score(v) for t, v in tasks.items() if isinstance(v, dict)}}
+    try:
+        check_metrics(metrics, lm.model, layers, _locate_forward(lm.model, eval_windows, lm.open_layer))
+    except NonFiniteError as e:
+        result.update(status="failed", error=str(e))
     path = write_results(_output_dir(args), result)
     print(markdown_table([_table_row(result)], digits=3))
     print(f"wrote {path}")
+    if "error" in result:
+        raise RunFailed(f"error: {result['error']} (recorded in {path})")
+    if resume is not None:
+        resume.finish()
     return result
 
 
+def _kept(args) -> str:
+    """What an interrupted run leaves to continue from (the one line printed on Ctrl-C)."""
+    from common.pipeline.resume import saved_blocks
+
+    if not getattr(args, "resume", False):
+        return "nothing was kept (with --resume every finished decoder layer is checkpointed)"
+    directory = os.path.join(_output_dir(args), "resume")
+    return (f"{saved_blocks(directory)} finished decoder layer(s) are checkpointed in {directory}; run the same "
+            "command (with --resume) to continue from there")
+
+
 def run_cli(args, rotation: Rotation | None = None, extra: dict | None = None) -> dict:
-    """`run` as a front end calls it: logging, the torchrun process group (one process without torchrun), and
-    the library's errors as one line on stderr."""
+    """`run` as a front end calls it: logging, the torchrun process group (one process without torchrun), the
+    library's errors as one line on stderr and Ctrl-C as one line (what was kept) and exit status 130."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from common.io.export import ExportError
     from common.pipeline.resume import ResumeError
     from common.solver import SolverError
 
-    errors = (llm.LLMError, SolverError, ResumeError, ExportError)
+    errors = (llm.LLMError, SolverError, ResumeError, ExportError, FileError, LockError)
     try:
-        args.device = str(distributed.init(args.device))
-        if not distributed.is_main():
-            logging.getLogger().setLevel(logging.WARNING)
-        return run(args, rotation, extra)
-    except errors as e:
-        raise SystemExit(f"error: {e}") from None
+        with one_line_errors(errors, lambda: _kept(args)):
+            args.device = str(distributed.init(args.device))
+            if not distributed.is_main():
+                logging.getLogger().setLevel(logging.WARNING)
+            return run(args, rotation, extra)
     finally:
         distributed.shutdown()

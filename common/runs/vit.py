@@ -10,15 +10,20 @@ min ||Q X~ - W X||); the stem, final norm and classifier head stay in full preci
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.cli.exits import RunFailed, one_line_errors
 from common.cli.vit import method_name, settings
 from common.data.imagefolder import DataError, calibration_images, check_imagefolder, eval_loader, model_transform
+from common.eval.finite import NonFiniteError, check_metrics
+from common.io.lock import LockError, RunLock
 from common.io.results import PhaseTimer, markdown_table, reset_peak_memory, write_results
 from common.models import vit
+from common.models.files import FileError, check_output_dir
 from common.pipeline.driver import quantize_blocks
 from common.quant.act_quant import set_act_quant
 from common.solver import ConfigError, SolverError
@@ -33,15 +38,19 @@ def run_name(args) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of `model` over `loader`."""
-    correct1 = correct5 = total = 0
+    """Top-1 / top-5 accuracy (%) of `model` over `loader` (NaN when any image's logits are not finite: an
+    accuracy over NaN logits would be a number that means nothing)."""
+    correct1 = correct5 = total = bad = 0
     for images, labels in tqdm(loader, desc="eval", unit="batch"):
         logits = model(images.to(device, non_blocking=True)).float()
         labels = labels.to(device)
+        bad += int((~torch.isfinite(logits).all(dim=-1)).sum())
         topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         correct1 += (topk[:, 0] == labels).sum().item()
         correct5 += (topk == labels[:, None]).any(dim=-1).sum().item()
         total += labels.numel()
+    if bad:
+        return {"top1": float("nan"), "top5": float("nan"), "n_val": total, "n_non_finite": bad}
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "n_val": total}
 
 
@@ -80,31 +89,47 @@ def load(args) -> tuple[nn.Module, object, torch.device]:
     return model.to(device), model_transform(model), device
 
 
+def _output_dir(args) -> str:
+    return args.output_dir or os.path.join("outputs", "vit_quant", run_name(args))
+
+
 def run(args) -> dict:
+    """Load, quantize, evaluate and write results.json; the output directory is checked first and locked for the
+    run's life; a non-finite accuracy is recorded in results.json and raised as RunFailed."""
     torch.manual_seed(args.seed)
     timer = PhaseTimer()
-    with timer.phase("load"):
-        model, transform, device = load(args)
-    reset_peak_memory()  # after the model is on its device: resetting an uninitialised CUDA context fails
-    with timer.phase("quantize"):
-        layers = quantize(model, args, transform, device)
-    with timer.phase("eval"):
-        loader = eval_loader(args.data_path, transform, args.bsz, args.val_limit, args.seed, args.workers,
-                             pin_memory=device.type == "cuda")
-        metrics = evaluate(model, loader, device)
-    row = {"model": args.model, "method": method_name(args), "w_bits": args.w_bits, "a_bits": args.a_bits,
-           **metrics}
-    out = args.output_dir or os.path.join("outputs", "vit_quant", run_name(args))
-    path = write_results(out, {**row, "seconds": timer.summary(), "args": vars(args),
-                               "solver": settings(args).to_dict(), "layers": layers})
+    out = _output_dir(args)
+    check_output_dir(out, "--output_dir")
+    with ExitStack() as outputs:
+        outputs.enter_context(RunLock(out))
+        with timer.phase("load"):
+            model, transform, device = load(args)
+        reset_peak_memory()  # after the model is on its device: resetting an uninitialised CUDA context fails
+        with timer.phase("quantize"):
+            layers = quantize(model, args, transform, device)
+        with timer.phase("eval"):
+            loader = eval_loader(args.data_path, transform, args.bsz, args.val_limit, args.seed, args.workers,
+                                 pin_memory=device.type == "cuda")
+            metrics = evaluate(model, loader, device)
+        row = {"model": args.model, "method": method_name(args), "w_bits": args.w_bits, "a_bits": args.a_bits,
+               **metrics}
+        record = {**row, "seconds": timer.summary(), "args": vars(args), "solver": settings(args).to_dict(),
+                  "layers": layers}
+        try:
+            check_metrics({k: metrics[k] for k in ("top1", "top5")}, model, layers,
+                          lambda: model(next(iter(loader))[0][:1].to(device)))
+        except NonFiniteError as e:
+            record.update(status="failed", error=str(e))
+        path = write_results(out, record)
     print(markdown_table([row]))
     print(f"wrote {path}")
+    if "error" in record:
+        raise RunFailed(f"error: {record['error']} (recorded in {path})")
     return {**row, "results_path": str(path)}
 
 
 def run_cli(args) -> dict:
-    """`run` with the library's errors as one line on stderr."""
-    try:
+    """`run` with the library's errors as one line on stderr and Ctrl-C as one line and exit status 130."""
+    errors = (vit.VitModelError, DataError, SolverError, ConfigError, FileError, LockError)
+    with one_line_errors(errors, lambda: "nothing was kept (results.json is written at the end of a run)"):
         return run(args)
-    except (vit.VitModelError, DataError, SolverError, ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
