@@ -6,6 +6,8 @@ dXXT = (2/N)(X - X~) X~^T with X the input of the same linear in the full-precis
 full-precision stream X_l; then W <- solver(W, H[, dXXT]).  Both streams advance one block at a time.
 GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ captures X~ with them on
 (`quant_order` overrides either: "w_first" / "a_first", the paper's Table 6).
+On the CPU, GPTAQ records the FP block's linear inputs for all groups in one FP pass per block (host memory: one
+block's linear inputs over the calibration set) instead of a partial FP pass per group.
 Under torchrun (`common.pipeline.distributed`) each rank carries its shard of both streams, the statistics are summed over
 ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.pipeline.resume` checkpoints after
 every block.
@@ -101,7 +103,23 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 @torch.no_grad()
-def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None):
+def _record_fp_inputs(fp_block, names, xfp, run_block, device, stream_device, pin) -> list[dict[str, torch.Tensor]]:
+    """GPTAQ on the CPU: one forward of the full-precision block per batch records the input of every linear in
+    `names` (the FP block never changes, so these are exactly the inputs each group's capture would otherwise
+    recompute in a partial FP pass) and advances the FP stream; returns {name: x} per batch."""
+    inputs: list[dict[str, torch.Tensor]] = []
+    rec = _GroupRecorder(fp_block, names, lambda name, x: inputs[-1].__setitem__(name, x), stop=False)
+    try:
+        for b in range(len(xfp)):
+            inputs.append({})
+            xfp[b] = _to(_output(rec.run(run_block, fp_block, xfp[b].to(device))), stream_device, pin)
+    finally:
+        rec.remove()
+    return inputs
+
+
+@torch.no_grad()
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None, fp_inputs=None):
     """H (and dXXT) of every linear in `names`, over all batches.
 
     Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
@@ -110,6 +128,7 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
     inputs stop agreeing takes a copy of the sums so far and continues on its own.
     advance_fp(b, out): the full-precision block runs to its end and hands over its output for batch b (the FP
     stream's advance, which then needs no second pass of the unchanged FP block).
+    fp_inputs: the FP inputs `_record_fp_inputs` recorded (used, and dropped, instead of running the FP block).
     """
     stats: dict[str, HessianAccumulator] = {}
     leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
@@ -141,10 +160,13 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
         seen.clear()
 
     q_rec = _GroupRecorder(block, names, q_sink)
-    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) if asymmetric else None
+    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) \
+        if asymmetric and fp_inputs is None else None
     try:
         for b in range(len(xq)):
-            if asymmetric:
+            if fp_inputs is not None:
+                fp_seen.update((name, fp_inputs[b].pop(name)) for name in names)
+            elif asymmetric:
                 out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
                 if advance_fp is not None:
                     advance_fp(b, out)
@@ -232,15 +254,21 @@ def quantize_blocks(
         block_records, block_results = [], {}
         times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
         groups = sublayer_groups(block)
+        fp_inputs = None
+        if asymmetric and device.type == "cpu":  # CPU: one FP pass records every group's FP inputs
+            t0 = _now(device)
+            fp_inputs = _record_fp_inputs(fp_block, [n for g in groups for n in g], xfp, run_block, device,
+                                          stream_device, pin)
+            times["capture_s"] += _now(device) - t0
         for gi, group in enumerate(groups):
             t0 = _now(device)
             # GPTAQ: the last group's capture runs the FP block to its end and advances the FP stream
             advance_fp = None
-            if asymmetric and gi == len(groups) - 1:
+            if asymmetric and fp_inputs is None and gi == len(groups) - 1:
                 def advance_fp(b, out):
                     xfp[b] = _to(_output(out), stream_device, pin)
-            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp) \
-                if needs_data else {}
+            stats = _capture_group(block, fp_block, group, xq, xfp, run_block, device, asymmetric, advance_fp,
+                                   fp_inputs) if needs_data else {}
             t1 = _now(device)
             times["capture_s"] += t1 - t0
             mine = {}
