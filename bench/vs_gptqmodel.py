@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
                 for grid in a.sym_grids:
                     r = ours(a, method, grid, os.path.join(work, f"ours_{method}_{grid}"))
                     rows.append({"tool": f"ours (sym_grid {grid})", "method": method, **r})
+                    print("row:", json.dumps(rows[-1]), flush=True)
             if not a.skip_gptqmodel:
                 import gptqmodel
 
                 r = gptqmodel_run(a, method, cal, windows, work)
                 rows.append({"tool": f"GPTQModel {gptqmodel.__version__}", "method": method, **r})
+                print("row:", json.dumps(rows[-1]), flush=True)
     print(f"\n{a.model}, W{a.bits} g{a.group_size} sym, damp {a.percdamp}, alpha {a.alpha}, {a.nsamples} x {a.seqlen} "
           f"calibration tokens of {a.cal}, {len(windows)} windows of {a.eval}, CPU float32, "
           f"{torch.get_num_threads()} threads")
