@@ -4,7 +4,8 @@ Usage: python bench/check_fused.py [--shape 2048x4096] [--quick] [--json out.jso
 Runs GPTQ, GPTAQ (M form and the published P form), GPTAQ exact and GPTAQ p_term_only on the same random correlated
 inputs (bench/solver.py's), for per-channel and group grids (groups smaller and larger than the lazy block, fitted at
 their block's start or static), act-order, reverse order, sym/asym, MSE clip search, 2..8 bits and no rounding
-(bits=16: weights compared instead of codes), and reports the share of equal codes
+(bits=16: weights compared instead of codes), group sizes that do not divide the columns (a narrower last group),
+GPTQModel's symmetric grid (sym_grid "gptq"), and reports the share of equal codes
   - in float32: Triton vs torch, Triton vs reference, torch vs reference;
   - in float64: torch vs reference (the same math: all codes equal up to a rare tie);
   - each float32 backend vs the float64 reference (float32's own rounding: the published loop in float32 is no
@@ -13,7 +14,7 @@ It exits with status 1 unless the float64 agreement is >= --min_agree_fp64 and e
 --slack below the float32 published loop in agreement with the float64 one.  On CUDA it also solves GPTAQ with its
 extra products in each precision of GPTAQ_PRECISIONS (split TF32, the default; float32; plain TF32), in the M form,
 the published P form and exact, and compares each with a float64 solve (codes, asymmetric objective).
-On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps five representative
+On a machine without CUDA run it under TRITON_INTERPRET=1 (small default shape; --quick keeps seven representative
 cases, as tests/test_fused_solver.py does).
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ METHODS = {  # label: SolverConfig fields
 def settings(group: int) -> list[tuple[str, dict]]:
     """(label, SolverConfig fields); `group` is the group size used for the group settings."""
     g2 = group // 4  # groups smaller than the lazy block: several groups per block, fitted at its start
+    gp = 3 * group // 4  # a group size that does not divide the columns: a narrower last group
     return [
         ("4b asym", dict(bits=4)),
         ("3b sym", dict(bits=3, sym=True)),
@@ -56,12 +58,18 @@ def settings(group: int) -> list[tuple[str, dict]]:
         (f"4b g{g2} act static", dict(bits=4, group_size=g2, act_order=True, static_groups=True)),
         (f"3b g{g2} sym mse act", dict(bits=3, group_size=g2, sym=True, mse=True, act_order=True)),
         ("4b act reverse", dict(bits=4, act_order=True, order="reverse")),
+        (f"4b g{gp} partial", dict(bits=4, group_size=gp)),
+        (f"3b g{gp} bs{group} partial gptq-sym", dict(bits=3, group_size=gp, blocksize=group, sym=True,
+                                                      sym_grid="gptq")),
+        (f"4b g{gp} partial act static gptq-sym", dict(bits=4, group_size=gp, act_order=True, static_groups=True,
+                                                      sym=True, sym_grid="gptq")),
         ("no rounding", dict(bits=16)),
     ]
 
 
+# --quick: (setting, method) pairs covering every kernel variant
 QUICK = {"4b asym": "gptaq", "3b g{g2} bs{group}": "gptaq", "4b g{g2} act static": "gptq", "4b mse": "gptaq_exact",
-         "no rounding": "gptaq"}  # --quick: (setting, method) pairs covering every kernel variant
+         "no rounding": "gptaq", "4b g{gp} partial": "gptaq", "4b g{gp} partial act static gptq-sym": "gptq"}
 
 
 def agreement(a, b) -> float:
@@ -104,7 +112,7 @@ def precision_check(W, H, dXXT, cfg: SolverConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default=None, help="ROWSxCOLS (default 2048x4096 on CUDA, 16x64 on CPU)")
-    p.add_argument("--quick", action="store_true", help="five representative settings only")
+    p.add_argument("--quick", action="store_true", help="seven representative settings only")
     p.add_argument("--min_agree_fp64", type=float, default=0.9999)
     p.add_argument("--slack", type=float, default=0.001,
                    help="how far (share of entries) a float32 fast backend may fall behind the float32 published loop")
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     W, H, dXXT = make_inputs(rows, cols, device, seed=args.seed)
     cases = [(label, kw, m) for label, kw in settings(group) for m in METHODS]
     if args.quick:
-        keep = {(k.format(group=group, g2=group // 4), m) for k, m in QUICK.items()}
+        keep = {(k.format(group=group, g2=group // 4, gp=3 * group // 4), m) for k, m in QUICK.items()}
         cases = [c for c in cases if (c[0], c[2]) in keep]
     out = []
     print(f"| setting ({rows}x{cols}) | method | float32 same codes: Triton vs torch | Triton vs reference | "

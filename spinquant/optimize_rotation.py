@@ -325,11 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_group_sizes(p: argparse.ArgumentParser, a: argparse.Namespace, config) -> None:
     from common.models.llm import head_dim, linear_in_features
 
-    for flag in ("w_groupsize", "a_groupsize"):
-        size = getattr(a, flag)
-        for what, cols in linear_in_features(config).items():
-            if size > 0 and cols % size:
-                p.error(f"--{flag} {size} does not divide the {cols} input features of {what}")
+    for what, cols in linear_in_features(config).items():  # weight groups need not divide (narrower last group)
+        if a.a_groupsize > 0 and cols % a.a_groupsize:
+            p.error(f"--a_groupsize {a.a_groupsize} does not divide the {cols} input features of {what}")
     for flag in ("k_groupsize", "v_groupsize"):
         size = getattr(a, flag)
         if size > 0 and head_dim(config) % size:

@@ -1,5 +1,5 @@
 """Calibration capture: shared accumulators for linears with equal inputs, the FP stream's advance during the last
-group's capture, and the TF32 splitting behind the CUDA products (checked here through its exact arithmetic)."""
+group's capture, the CPU path's one FP pass per block, and the TF32 splitting behind the CUDA products (checked here through its exact arithmetic)."""
 from __future__ import annotations
 
 import torch
@@ -61,6 +61,33 @@ def test_asymmetric_capture_advances_the_fp_stream_in_the_same_pass():
     ref = _reference(q_in_1, asymmetric=True, fp=fp_in_1)
     torch.testing.assert_close(stats["1"].dXXT, ref.dXXT, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["1"].H, ref.H, rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_fp_inputs_equal_the_per_group_fp_passes():
+    """CPU GPTAQ: one FP pass per block records every group's FP inputs (`_record_fp_inputs`); the groups' captures
+    then give exactly the sums of the per-group partial FP passes, and the FP stream the same advance."""
+    torch.manual_seed(3)
+    xq = [torch.randn(2, 5, 8) for _ in range(3)]
+    xfp = [x + 0.1 * torch.randn_like(x) for x in xq]
+    block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
+    fp_block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
+    fp_block.load_state_dict(block.state_dict())
+    groups, run = [["0"], ["2"], ["3"]], (lambda blk, x: blk(x))
+    per_group_fp, recorded_fp = list(xfp), list(xfp)
+    recorded = driver._record_fp_inputs(fp_block, [n for g in groups for n in g], recorded_fp, run, "cpu",
+                                        torch.device("cpu"), False)
+    for gi, group in enumerate(groups):
+        last = gi == len(groups) - 1
+        advance = (lambda b, out: per_group_fp.__setitem__(b, out)) if last else None
+        want = driver._capture_group(block, fp_block, group, xq, per_group_fp, run, "cpu", True, advance)
+        got = driver._capture_group(block, fp_block, group, xq, recorded_fp, run, "cpu", True, None, recorded)
+        name = group[0]
+        assert torch.equal(got[name].H, want[name].H) and torch.equal(got[name].dXXT, want[name].dXXT)
+        with torch.no_grad():
+            block[int(name)].weight.mul_(0.5)  # "solved": later groups see the changed quantized block
+    assert all(not d for d in recorded)  # every recorded input was used and dropped
+    for a, b in zip(recorded_fp, per_group_fp):
+        assert torch.equal(a, b)
 
 
 def test_clone_is_independent():

@@ -39,7 +39,7 @@ def problem(rows=64, cols=128, seed=0):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 96, 128])  # 96: groups of 96, 96 and 64 on 256 columns
 @pytest.mark.parametrize("mode", ["plain", "act_order", "act_order_static"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_unpacked_checkpoint_reproduces_fake_quant_weights_bit_exactly(bits, group_size, mode, sym):
@@ -50,7 +50,7 @@ def test_unpacked_checkpoint_reproduces_fake_quant_weights_bit_exactly(bits, gro
     results = [gptq_quantize(W, H, **kw, **act), gptaq_quantize(W, H, dXXT, **kw, **act)]
     if mode == "plain":
         results.append(rtn_quantize(W, **kw))
-    ngroups = 1 if group_size == -1 else cols // group_size
+    ngroups = 1 if group_size == -1 else -(-cols // group_size)  # ceil: a narrower last group has its own grid
     for res in results:
         if mode == "act_order" and group_size > 0:
             assert not torch.equal(res.g_idx, torch.arange(cols, dtype=res.g_idx.dtype) // group_size)  # permuted
@@ -66,6 +66,23 @@ def test_unpacked_checkpoint_reproduces_fake_quant_weights_bit_exactly(bits, gro
             assert t["g_idx"].dtype == torch.int32 and t["g_idx"].shape == (cols,)
             assert t["bias"].dtype == torch.float16
             assert torch.equal(dequantize_checkpoint(t, bits, fmt), res.weight)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_sym_grid_with_partial_groups_exports_bit_exactly(bits):
+    """GPTQModel's symmetric grid (sym_grid "gptq", every code in use, zero 2^(b-1)) with groups of 96 on 224 columns
+    (96, 96, 32): ceil(224 / 96) = 3 rows of scales and qzeros, g_idx the group of each column, bit-exact."""
+    rows, cols = 64, 224
+    W, H, dXXT = problem(rows=rows, cols=cols, seed=3)
+    kw = dict(bits=bits, group_size=96, sym=True, sym_grid="gptq", scale_dtype=torch.float16)
+    for res in (gptq_quantize(W, H, act_order=True, **kw), rtn_quantize(W, **kw),
+                gptaq_quantize(W, H, dXXT, act_order=True, static_groups=True, **kw)):
+        assert int(res.codes.min()) == 0 and int(res.codes.max()) == 2**bits - 1
+        t = pack_linear(res, None, "gptq")
+        assert t["scales"].shape == (3, rows) and t["qzeros"].shape == (3, rows * bits // 32)
+        assert t["g_idx"].bincount().tolist() == [96, 96, 32]
+        assert np.array_equal(unpack_bits(t["qzeros"].numpy(), bits, axis=1) + 1, np.full((3, rows), 2 ** (bits - 1)))
+        assert torch.equal(dequantize_checkpoint(t, bits, "gptq"), res.weight)
 
 
 def test_pack_codes_known_patterns():

@@ -28,6 +28,10 @@ SETTINGS = {
                                     "--w_asym", "--gptaq", "--export_format", "gptq_v2"], 3, "gptq_v2"),
     "w2_per_channel_rtn": (["--w_bits", "2", "--w_rtn"], 2, "gptq"),
     "w8g32_gptaq_rotate": (["--w_bits", "8", "--w_groupsize", "32", "--gptaq", "--rotate"], 8, "gptq"),
+    # groups of 64 on down_proj's 96 input features (64 + 32; GPTQModel's kernels take group sizes 16, 32, 64, ...)
+    # and GPTQModel's symmetric grid
+    "w4g64_partial_gptq_sym_grid_gptaq": (["--w_bits", "4", "--w_groupsize", "64", "--act_order", "--w_sym_grid",
+                                           "gptq", "--gptaq"], 4, "gptq"),
 }
 
 
@@ -110,7 +114,7 @@ def test_layout_matches_gptq_format(exported):
     for i in range(2):
         for name, (inp, out) in shapes.items():
             t = _linear_tensors(sd, f"model.layers.{i}.{name}")
-            groups = 1 if group == -1 else inp // group
+            groups = 1 if group == -1 else -(-inp // group)  # ceil: a narrower last group
             assert set(t) == {"qweight", "qzeros", "scales", "g_idx"}
             assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (inp * bits // 32, out)
             assert t["qzeros"].dtype == torch.int32 and t["qzeros"].shape == (groups, out * bits // 32)

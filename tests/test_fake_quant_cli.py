@@ -160,7 +160,7 @@ def _bad(env, tmp_path, capsys, argv) -> str:
     (["--w_bits", "4", "--gptaq", "--w_rtn"], "--gptaq"),
     (["--gptaq_exact"], "--gptaq_exact"),
     (["--a_clip_ratio", "1.5"], "--a_clip_ratio"),
-    (["--w_bits", "4", "--w_groupsize", "128"], "--w_groupsize 128 does not divide"),
+    (["--w_bits", "4", "--w_asym", "--w_sym_grid", "gptq"], "--w_sym_grid gptq"),
     (["--a_bits", "4", "--a_groupsize", "48"], "--a_groupsize 48 does not divide"),
     (["--k_bits", "4", "--k_groupsize", "12"], "--k_groupsize 12 does not divide head_dim"),
     (["--w_bits", "4", "--gptaq_p_only"], "--gptaq_p_only needs --gptaq"),

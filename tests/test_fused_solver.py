@@ -88,7 +88,8 @@ def test_small_panels_and_short_walks_keep_the_math(variant, group_fit):
     block, the P term of later walks in the block on the columns before rounding) give the published loop's codes:
     all of them in float64, >= 99.9% in float32."""
     W, H, dXXT, _, _ = make_problem(22, rows=64)
-    for kw in (dict(bits=4), dict(bits=3, group_size=16, act_order=True)):
+    for kw in (dict(bits=4), dict(bits=3, group_size=16, act_order=True), dict(bits=4, group_size=24, sym=True),
+               dict(bits=3, group_size=24, static_groups=True, sym=True, sym_grid="gptq")):
         for method, form in (("gptq", "m"), ("gptaq", "m"), ("gptaq", "p")):
             cfg = SolverConfig(method=method, blocksize=32, group_fit=group_fit, **kw).replace(
                 alpha=0.5, variant=variant, form=form)

@@ -28,6 +28,23 @@ def test_symmetric_grid_convention():
     assert torch.allclose(tiny_scale, torch.tensor([[1e-5 / 3]]))
 
 
+def test_gptq_symmetric_grid_convention():
+    """sym_grid "gptq" (IST-DASLab GPTQ, GPTQModel): scale = 2 amax / (2^b - 1), zero 2^(b-1); a row without negative
+    entries keeps its lower end at 0 (scale xmax / (2^b - 1)), an all-zero row uses [-1, 1]."""
+    x = torch.tensor([[-3.75, 1.0, 3.5], [0.5, 1.0, 3.0], [0.0, 0.0, 0.0], [-2.0, -1.0, 0.0]])
+    scale, zero = fit_grid(x, bits=4, sym=True, sym_grid="gptq")
+    assert torch.allclose(scale.flatten(), torch.tensor([0.5, 3.0 / 15, 2.0 / 15, 4.0 / 15]))
+    assert torch.equal(zero, torch.full((4, 1), 8.0))
+    q = fake_quantize(x, scale, zero, 4)
+    assert q[0, 0] == -4.0 and q[0, 2] == 3.5  # round(-7.5) = -8: code 0 is in use
+    assert torch.equal(q[2], torch.zeros(3))
+    assert torch.equal(fit_grid(x, 4, sym=False, sym_grid="gptq")[0], fit_grid(x, 4, sym=False)[0])  # asym: unused
+    s1, _ = fit_grid(x, 4, sym=True, mse=True, sym_grid="gptq")
+    assert torch.all(s1 <= scale + 1e-7)
+    with pytest.raises(ValueError, match="sym_grid"):
+        fit_grid(x, 4, sym=True, sym_grid="signed")
+
+
 def test_mse_clip_search_never_worse_and_shrinks():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 128, generator=g)

@@ -12,7 +12,10 @@ from common.solver import SolverConfig, quantize_linear
 
 # grid and layout settings over 64 columns: per channel, groups smaller than the lazy block (several per block,
 # the block-start rule matters), larger than the blocksize (lazy blocks of one group), static, act-order, reverse,
-# a block wider than the layer and a narrower last block
+# a block wider than the layer and a narrower last block, group sizes that do not divide the 64 columns (a narrower
+# last group: 24 -> 24/24/16, 40 -> 40/24) and GPTQModel's symmetric grid (sym_grid "gptq"; per channel or static:
+# a group grid fitted at its block's start puts the weight that set amax on a rounding tie, +-(2^b - 1)/2 steps, which
+# float32 rounding breaks either way, so float32 backends may part there; float64 decides it the same in all)
 GRIDS = {
     "4b": dict(bits=4),
     "3b-sym": dict(bits=3, sym=True),
@@ -30,6 +33,14 @@ GRIDS = {
     "8b-g32-bs128-act-mse": dict(bits=8, group_size=32, blocksize=128, act_order=True, mse=True),
     "4b-bs24": dict(bits=4, blocksize=24),
     "no-rounding": dict(bits=16),
+    "4b-g24-bs48": dict(bits=4, group_size=24, blocksize=48),
+    "3b-g24-bs32-act-static": dict(bits=3, group_size=24, blocksize=32, act_order=True, static_groups=True),
+    "4b-g40-bs16-act-sym": dict(bits=4, group_size=40, blocksize=16, act_order=True, sym=True),
+    "3b-gptqsym": dict(bits=3, sym=True, sym_grid="gptq"),
+    "4b-g40-bs16-act-static-gptqsym": dict(bits=4, group_size=40, blocksize=16, act_order=True, static_groups=True,
+                                           sym=True, sym_grid="gptq"),
+    "2b-g24-static-mse-gptqsym-reverse": dict(bits=2, group_size=24, static_groups=True, mse=True, sym=True,
+                                              sym_grid="gptq", order="reverse"),
 }
 METHODS = {
     "gptq": dict(method="gptq"),
@@ -80,11 +91,10 @@ def test_updated_group_fit_keeps_the_previous_rule(method):
     cfg = SolverConfig(bits=3, group_size=16, blocksize=64, act_order=True).replace(**METHODS[method])
     updated = quantize_linear(W, H, dXXT, cfg.replace(group_fit="updated", backend="torch"))
     kw = dict(bits=3, gs=16, blocksize=64, act_order=True, group_fit="updated")
-    if method == "gptq":
-        want = ref_gptq(W, H, **kw)
-    else:
-        want = ref_gptaq_pform(W, H, dXXT, alpha=0.5, **kw)
-    assert rel_err(updated.weight, want) < 1e-6
+    ref = ref_gptq if method == "gptq" else lambda *a, **k: ref_gptaq_pform(*a, dXXT, alpha=0.5, **k)
+    assert rel_err(updated.weight, ref(W, H, **kw)) < 1e-6
+    partial = cfg.replace(group_size=24, blocksize=48, group_fit="updated", backend="torch")  # groups 24/24/16
+    assert rel_err(quantize_linear(W, H, dXXT, partial).weight, ref(W, H, **dict(kw, gs=24, blocksize=48))) < 1e-6
     assert torch.equal(updated.codes, quantize_linear(W, H, dXXT, cfg.replace(group_fit="updated",
                                                                               backend="reference")).codes)
     block_start = quantize_linear(W, H, dXXT, cfg.replace(backend="torch"))

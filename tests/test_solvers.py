@@ -21,13 +21,21 @@ from common.solver import (ConfigError, SolverConfig, SolverError, babai_bound, 
 
 # ------------------------------------------------------------------------------------- independent references
 
-def ref_grid(x, bits, sym, mse):
-    """Per-row grid (scale, zero) [rows, 1] following the documented conventions, fitted in float32."""
+def ref_grid(x, bits, sym, mse, sym_grid="quarot"):
+    """Per-row grid (scale, zero) [rows, 1] following the documented conventions, fitted in float32; sym_grid
+    "gptq": the asymmetric grid on [-amax, amax] (on [0, amax] for a row without negative entries, [-1, 1] for an
+    all-zero row), zero 2^(b-1)."""
     x = x.float()
     lo = x.min(1, keepdim=True).values.clamp(max=0)
     hi = x.max(1, keepdim=True).values.clamp(min=0)
 
     def params(lo, hi):
+        if sym and sym_grid == "gptq":
+            amax = torch.maximum(-lo, hi)
+            lo = torch.where(amax == 0, -1.0, torch.where(lo < 0, -amax, 0.0))
+            hi = torch.where(amax == 0, 1.0, amax)
+            s = (hi - lo) / (2**bits - 1)
+            return s, torch.full_like(s, 2.0 ** (bits - 1))
         if sym:
             s = torch.maximum(-lo, hi).clamp(min=1e-5) / (2 ** (bits - 1) - 1)
             return s, torch.full_like(s, 2.0 ** (bits - 1))
@@ -84,14 +92,14 @@ class RefGrids:
     """The grid of each column j (processing order): per channel, static groups, or a group's grid fitted at its
     first column on the block-start snapshot (group_fit "block_start") or the current weights ("updated")."""
 
-    def __init__(self, W, perm, *, bits, sym, mse, gs, static, group_fit, lazy):
+    def __init__(self, W, perm, *, bits, sym, mse, gs, static, group_fit, lazy, sym_grid="quarot"):
         self.bits, self.sym, self.mse, self.gs, self.perm = bits, sym, mse, gs, perm
-        self.group_fit, self.lazy = group_fit, lazy
+        self.group_fit, self.lazy, self.sym_grid = group_fit, lazy, sym_grid
         self.static = None
-        if static and gs != -1:
+        if static and gs != -1:  # groups g, g + gs, ...: the last one narrower where gs does not divide the width
             Wo = W[:, torch.argsort(perm)]
-            self.static = [ref_grid(Wo[:, g:g + gs], bits, sym, mse) for g in range(0, W.shape[1], gs)]
-        self.current = ref_grid(W, bits, sym, mse) if gs == -1 else None
+            self.static = [ref_grid(Wo[:, g:g + gs], bits, sym, mse, sym_grid) for g in range(0, W.shape[1], gs)]
+        self.current = ref_grid(W, bits, sym, mse, sym_grid) if gs == -1 else None
         self.start = None
 
     def at(self, W, j):
@@ -103,19 +111,19 @@ class RefGrids:
             return self.static[int(self.perm[j]) // self.gs]
         if j % self.gs == 0:
             src = self.start if self.group_fit == "block_start" else W
-            self.current = ref_grid(src[:, j:j + self.gs], self.bits, self.sym, self.mse)
+            self.current = ref_grid(src[:, j:j + self.gs], self.bits, self.sym, self.mse, self.sym_grid)
         return self.current
 
 
 def ref_gptq(W, H, *, bits, blocksize, sym=False, mse=False, gs=-1, act_order=False, static=False, percdamp=0.01,
-             order="forward", group_fit="block_start"):
+             order="forward", group_fit="block_start", sym_grid="quarot"):
     """OBS-form GPTQ in float64: explicit inverse Hessian and its downdate (bits 16: no rounding)."""
     W, H, Hd, _ = ref_prepare(W, H, None, percdamp)
     perm = ref_order(H, act_order, order)
     W, Hd = W[:, perm], Hd[perm][:, perm]
     Hinv = torch.linalg.inv(Hd)
     grids = RefGrids(W, perm, bits=bits, sym=sym, mse=mse, gs=gs, static=static, group_fit=group_fit,
-                     lazy=ref_lazy(blocksize, gs)) if bits < 16 else None
+                     lazy=ref_lazy(blocksize, gs), sym_grid=sym_grid) if bits < 16 else None
     for j in range(W.shape[1]):
         q = ref_fq(W[:, j], *(g.flatten() for g in grids.at(W, j)), bits) if grids else W[:, j].clone()
         err = (W[:, j] - q) / Hinv[j, j]
@@ -126,7 +134,8 @@ def ref_gptq(W, H, *, bits, blocksize, sym=False, mse=False, gs=-1, act_order=Fa
 
 
 def ref_gptaq_pform(W, H, dXXT, *, alpha, bits, blocksize, sym=False, mse=False, gs=-1, act_order=False,
-                    static=False, percdamp=0.01, order="forward", group_fit="block_start", feedback=True):
+                    static=False, percdamp=0.01, order="forward", group_fit="block_start", feedback=True,
+                    sym_grid="quarot"):
     """Published P form, unlazy: in-block updates use the column before rounding, later blocks get its rounded value.
     feedback=False drops GPTQ's error term (the "P term only" ablation)."""
     W, H, Hd, dXXT = ref_prepare(W, H, dXXT, percdamp)
@@ -136,7 +145,7 @@ def ref_gptaq_pform(W, H, dXXT, *, alpha, bits, blocksize, sym=False, mse=False,
     P = alpha * torch.triu(dXXT @ U.T, diagonal=1) @ U
     lazy = ref_lazy(blocksize, gs)
     grids = RefGrids(W, perm, bits=bits, sym=sym, mse=mse, gs=gs, static=static, group_fit=group_fit,
-                     lazy=lazy) if bits < 16 else None
+                     lazy=lazy, sym_grid=sym_grid) if bits < 16 else None
     n = W.shape[1]
     for j in range(n):
         w = W[:, j].clone()
@@ -195,13 +204,18 @@ def asym_obj(W, Q, X, Xt):
 
 
 # grid settings; bs is the blocksize (groups of 16 in blocks of 32 or 48: the block-start rule matters; groups of 32
-# in blocks of 16: lazy blocks of one group)
+# in blocks of 16: lazy blocks of one group; groups of 24 or 40 on 64 columns: a narrower last group, 16 or 24 wide;
+# sym_grid "gptq": GPTQModel's symmetric grid)
 CONFIGS = [
     dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=4, sym=True), dict(bits=3, mse=True),
     dict(bits=4, gs=16), dict(bits=3, gs=16, act_order=True), dict(bits=4, gs=16, act_order=True, static=True),
     dict(bits=2, sym=True, act_order=True), dict(bits=4, gs=32, mse=True, act_order=True),
     dict(bits=3, gs=16, bs=48, mse=True), dict(bits=4, gs=32, bs=16), dict(bits=8, gs=16, order="reverse"),
     dict(bits=16),
+    dict(bits=4, gs=24, bs=48), dict(bits=3, gs=24, act_order=True, static=True),
+    dict(bits=4, gs=40, bs=16, sym=True, sym_grid="gptq", act_order=True),
+    dict(bits=3, sym=True, sym_grid="gptq", mse=True),
+    dict(bits=2, gs=24, sym=True, sym_grid="gptq", order="reverse"),
 ]
 
 
@@ -212,13 +226,13 @@ def cfg_id(c):
 def solver_kwargs(c):
     return dict(bits=c["bits"], sym=c.get("sym", False), mse=c.get("mse", False), group_size=c.get("gs", -1),
                 act_order=c.get("act_order", False), static_groups=c.get("static", False), blocksize=c.get("bs", 32),
-                order=c.get("order", "forward"))
+                order=c.get("order", "forward"), sym_grid=c.get("sym_grid", "quarot"))
 
 
 def ref_kwargs(c):
     return dict(bits=c["bits"], sym=c.get("sym", False), mse=c.get("mse", False), gs=c.get("gs", -1),
                 act_order=c.get("act_order", False), static=c.get("static", False), blocksize=c.get("bs", 32),
-                order=c.get("order", "forward"))
+                order=c.get("order", "forward"), sym_grid=c.get("sym_grid", "quarot"))
 
 
 def f64(*ts):
@@ -245,7 +259,7 @@ def test_reference_gptaq_pform_matches_independent_float64(cfg):
     assert agreement(gptaq(W, H, dXXT, alpha=0.25, backend="reference", **solver_kwargs(cfg)), want) >= 0.99
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[6:8] + CONFIGS[10:11], ids=cfg_id)
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[6:8] + CONFIGS[10:11] + CONFIGS[14:15], ids=cfg_id)
 def test_reference_p_term_only_matches_independent_float64(cfg):
     W, H, dXXT, _, _ = make_problem(4)
     kw = dict(alpha=0.5, backend="reference", **solver_kwargs(cfg))
@@ -345,6 +359,48 @@ def test_quant_result_reconstructs_weight_and_codes_in_range():
     for dynamic in (results[0], results[4]):  # act-order groups follow the processing order
         assert torch.equal(dynamic.g_idx.long()[dynamic.perm], torch.arange(W.shape[1]) // 16)
     assert [r.info["backend"] for r in results] == ["torch"] * 4 + ["reference", "rtn"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_partial_last_group_gets_its_own_grid(backend):
+    """Groups of 24 on 64 columns are 24, 24 and 16 wide (ceil(64 / 24) grids per row, as the published loops and
+    GPTQModel slice them): codes rebuild the weight, static groups fit the last grid on the last 16 original
+    columns alone, RTN's last group is RTN of those columns, and a group wider than the layer is one grid per row."""
+    W, H, dXXT, _, _ = make_problem(18)
+    cols = W.shape[1]
+    for kw in (dict(bits=4, sym=True, sym_grid="gptq"), dict(bits=3, mse=True)):
+        static = gptq_quantize(W, H, bits=kw["bits"], group_size=24, act_order=True, static_groups=True,
+                               backend=backend, **{k: v for k, v in kw.items() if k != "bits"})
+        results = [static, gptaq_quantize(W, H, dXXT, group_size=24, act_order=True, backend=backend, **kw),
+                   gptq_quantize(W, H, group_size=24, blocksize=48, backend=backend, **kw),
+                   rtn_quantize(W, group_size=24, **kw)]
+        for r in results:
+            assert r.scales.shape == r.zeros.shape == (W.shape[0], 3)
+            assert r.g_idx.bincount().tolist() == [24, 24, 16]
+            gi = r.g_idx.long()
+            assert torch.allclose(r.scales[:, gi] * (r.codes.float() - r.zeros[:, gi]), r.weight, atol=1e-6)
+        assert torch.equal(static.g_idx.long(), torch.arange(cols) // 24)
+        s, z = SolverConfig(group_size=24, **kw).fit_grid(W[:, 48:])
+        assert torch.equal(static.scales[:, 2:], s) and torch.equal(static.zeros[:, 2:], z)
+        assert torch.equal(results[3].weight[:, 48:], rtn(W[:, 48:], **kw))
+        for wide in (64, 100):  # one group holding every column: the per-channel grid
+            assert torch.equal(gptq(W, H, group_size=wide, backend=backend, **kw), gptq(W, H, backend=backend, **kw))
+            assert torch.equal(rtn(W, group_size=wide, **kw), rtn(W, **kw))
+
+
+def test_gptq_sym_grid_uses_every_code():
+    """sym_grid "gptq" (GPTQModel's) spans [-amax, amax] with 2^b - 1 steps: more levels than QuaRot's grid, which
+    leaves code 0 unused on a symmetric range; both keep the zero point at 2^(b-1) and beat RTN under GPTQ."""
+    W, H, _, _, Xt = make_problem(19)
+    for bits in (2, 3, 4):
+        quarot = rtn_quantize(W, bits=bits, sym=True, group_size=16)
+        full = rtn_quantize(W, bits=bits, sym=True, sym_grid="gptq", group_size=16)
+        assert torch.all(full.zeros == 2 ** (bits - 1)) and torch.all(quarot.zeros == 2 ** (bits - 1))
+        amax = W.abs().reshape(W.shape[0], 4, 16).amax(-1)
+        assert torch.allclose(full.scales, 2 * amax / (2**bits - 1))
+        assert torch.allclose(quarot.scales, amax / (2 ** (bits - 1) - 1))
+        assert int(full.codes.min()) == 0 and int(quarot.codes.min()) == 1
+        assert obj(W, gptq(W, H, bits=bits, sym=True, sym_grid="gptq", group_size=16), Xt) < obj(W, full.weight, Xt)
 
 
 def test_dead_inputs_are_zeroed():
@@ -453,8 +509,10 @@ def test_error_paths_name_layer_and_value(caplog):
         gptaq(W, H, dXXT, bits=9)
     with pytest.raises(ConfigError, match="backend"):
         gptq(W, H, bits=4, backend="cuda")
-    with pytest.raises(SolverError, match="mlp.down_proj: group_size 24 does not divide the 64"):
-        gptq(W, H, bits=4, group_size=24, name="mlp.down_proj")
+    with pytest.raises(ConfigError, match="sym_grid.*needs sym=True"):
+        gptq(W, H, bits=4, sym_grid="gptq")
+    with pytest.raises(ConfigError, match="sym_grid"):
+        gptq(W, H, bits=4, sym=True, sym_grid="gptqmodel")
     bad = W.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(SolverError, match="down.*W has non-finite"):

@@ -15,6 +15,7 @@ from common.cli import types
 from common.models.kv_quant import KVQuantConfig
 from common.quant.act_quant import ActQuantSettings
 from common.solver.config import BACKENDS, GROUP_FITS, QUANT_ORDERS, ConfigError, GPTAQConfig, SolverConfig
+from common.solver.config import SYM_GRIDS
 
 __all__ = ["add_weight_flags", "add_act_flags", "add_kv_flags", "check_weight_flags", "check_act_flags",
            "check_kv_flags", "warn_idle", "solver_config", "act_settings", "kv_config", "quant_flag_names"]
@@ -24,7 +25,7 @@ _S, _G, _A, _KV = SolverConfig(), GPTAQConfig(), ActQuantSettings(), KVQuantConf
 _SOLVER_FLAGS = {"bits": "w_bits", "group_size": "w_groupsize", "sym": "w_asym", "mse": "w_clip",
                  "percdamp": "percdamp", "act_order": "act_order", "static_groups": "static_groups", "order": "order",
                  "quant_order": "quant_order", "group_fit": "group_fit", "backend": "solver", "alpha": "alpha",
-                 "method": "gptaq", "variant": "gptaq_exact"}
+                 "method": "gptaq", "variant": "gptaq_exact", "sym_grid": "w_sym_grid"}
 
 
 def _dests(group: argparse._ArgumentGroup) -> list[str]:
@@ -36,8 +37,12 @@ def add_weight_flags(p: argparse.ArgumentParser) -> list[str]:
     g = p.add_argument_group("weights and solver")
     g.add_argument("--w_bits", type=types.bits, default=_S.bits, help="weight bits (2..8, 16 = not quantized)")
     g.add_argument("--w_groupsize", type=types.groupsize, default=_S.group_size,
-                   help="weight group size (-1: per output channel)")
+                   help="weight group size (-1: per output channel; one that does not divide a layer's input "
+                        "features leaves a narrower last group)")
     g.add_argument("--w_asym", action="store_true", help="asymmetric weight grid (default symmetric)")
+    g.add_argument("--w_sym_grid", choices=SYM_GRIDS, default=_S.sym_grid,
+                   help="symmetric weight grid: quarot (QuaRot / paper code: scale = amax / (2^(b-1) - 1)) or gptq "
+                        "(IST-DASLab GPTQ / GPTQModel: scale = 2 amax / (2^b - 1)); zero point 2^(b-1) in both")
     g.add_argument("--w_clip", action="store_true", help="MSE search of the weight clipping range")
     g.add_argument("--w_rtn", action="store_true", help="round-to-nearest instead of GPTQ")
     g.add_argument("--percdamp", type=types.nonneg_float, default=_S.percdamp,
@@ -126,6 +131,8 @@ def check_weight_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> Sol
         p.error("--gptaq_p_only needs --gptaq and does not combine with --gptaq_exact")
     if a.static_groups and a.w_groupsize == -1:
         p.error("--static_groups needs --w_groupsize > 0")
+    if a.w_asym and a.w_sym_grid != _S.sym_grid:
+        p.error(f"--w_sym_grid {a.w_sym_grid} sets the symmetric grid; it does not combine with --w_asym")
     if a.w_bits == 16:
         warn_idle(p, a, ["w_groupsize", "w_asym", "w_clip", "w_rtn", "gptaq", *_GPTAQ_ONLY, *_SOLVE_ONLY],
                   "with --w_bits 16 (weights are not quantized)")
@@ -160,7 +167,7 @@ def solver_config(a: argparse.Namespace, **changes) -> SolverConfig:
     cfg = SolverConfig(method=method, bits=a.w_bits, sym=not a.w_asym, mse=a.w_clip, group_size=a.w_groupsize,
                        act_order=a.act_order, static_groups=a.static_groups, percdamp=a.percdamp, order=a.order,
                        quant_order=a.quant_order, group_fit=a.group_fit, backend=a.solver,
-                       gptaq=GPTAQConfig(alpha=a.alpha, variant=variant))
+                       gptaq=GPTAQConfig(alpha=a.alpha, variant=variant), sym_grid=a.w_sym_grid)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -1,7 +1,8 @@
 """Command line of the LLM front ends (fake_quant/main.py, spinquant/main.py; QuaRot / GPTQv2 flag names).
 
 Everything that can be checked without the weights is checked here, before any model loads: flag values,
-paths, dataset names, and (from config.json only) the architecture and that group sizes divide the layer widths.
+paths, dataset names, and (from config.json only) the architecture and that activation group sizes divide the layer
+widths.
 Each problem is one line on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -263,8 +264,9 @@ def _check_export(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def validate_model_config(args: argparse.Namespace, config) -> None:
-    """Checks that need only config.json: supported architecture and group sizes dividing the layer widths
-    (a warning for a --seqlen beyond the model's positions).  Raises SystemExit with a one-line message."""
+    """Checks that need only config.json: supported architecture and activation / KV group sizes dividing the
+    widths (a weight group size need not: the last group is narrower); a warning for a --seqlen beyond the model's
+    positions.  Raises SystemExit with a one-line message."""
     from common.models import moe
     from common.models.llm import LLMError, check_config, head_dim, linear_in_features
 
@@ -273,14 +275,11 @@ def validate_model_config(args: argparse.Namespace, config) -> None:
     except LLMError as e:
         raise SystemExit(f"error: {e}") from None
     widths = linear_in_features(config)
-    for flag in ("w_groupsize", "a_groupsize"):
-        size = getattr(args, flag)
-        if size <= 0:
-            continue
-        for what, cols in widths.items():
-            if cols % size:
-                raise SystemExit(f"error: --{flag} {size} does not divide the {cols} input features of {what} "
-                                 f"({config.model_type}, hidden_size {config.hidden_size})")
+    size = args.a_groupsize
+    for what, cols in widths.items():
+        if size > 0 and cols % size:
+            raise SystemExit(f"error: --a_groupsize {size} does not divide the {cols} input features of {what} "
+                             f"({config.model_type}, hidden_size {config.hidden_size})")
     if moe.is_moe_config(config):
         _check_moe(args)
     hd = head_dim(config)

@@ -9,6 +9,8 @@ GPTQ / RTN capture with activation quantizers off (weights first); GPTAQ capture
 With `stages` (a `common.models.stages.BlockStages` per block, e.g. a decoder layer's two residual halves) each
 group is captured from its stage's input and the streams advance stage by stage (checked bit for bit against the
 whole block on the first batch).
+On the CPU, GPTAQ records the FP stage's linear inputs for all its groups in one FP pass per stage (host memory:
+one stage's linear inputs over the calibration set) instead of a partial FP pass per group.
 Under torchrun (`common.pipeline.distributed`) each rank carries its shard of both streams, the statistics are summed over
 ranks, and a group's linears are solved round robin by the ranks and broadcast; `common.pipeline.resume` checkpoints after
 every block.
@@ -104,7 +106,23 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 @torch.no_grad()
-def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None):
+def _record_fp_inputs(fp_block, names, xfp, run_block, device, stream_device, pin) -> list[dict[str, torch.Tensor]]:
+    """GPTAQ on the CPU: one forward of the full-precision block per batch records the input of every linear in
+    `names` (the FP block never changes, so these are exactly the inputs each group's capture would otherwise
+    recompute in a partial FP pass) and advances the FP stream; returns {name: x} per batch."""
+    inputs: list[dict[str, torch.Tensor]] = []
+    rec = _GroupRecorder(fp_block, names, lambda name, x: inputs[-1].__setitem__(name, x), stop=False)
+    try:
+        for b in range(len(xfp)):
+            inputs.append({})
+            xfp[b] = _to(_output(rec.run(run_block, fp_block, xfp[b].to(device))), stream_device, pin)
+    finally:
+        rec.remove()
+    return inputs
+
+
+@torch.no_grad()
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None, fp_inputs=None):
     """H (and dXXT) of every linear in `names`, over all batches.
 
     Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
@@ -113,6 +131,7 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
     inputs stop agreeing takes a copy of the sums so far and continues on its own.
     advance_fp(b, out): the full-precision block runs to its end and hands over its output for batch b (the FP
     stream's advance, which then needs no second pass of the unchanged FP block).
+    fp_inputs: the FP inputs `_record_fp_inputs` recorded (used, and dropped, instead of running the FP block).
     """
     stats: dict[str, HessianAccumulator] = {}
     leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
@@ -144,10 +163,13 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
         seen.clear()
 
     q_rec = _GroupRecorder(block, names, q_sink)
-    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) if asymmetric else None
+    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) \
+        if asymmetric and fp_inputs is None else None
     try:
         for b in range(len(xq)):
-            if asymmetric:
+            if fp_inputs is not None:
+                fp_seen.update((name, fp_inputs[b].pop(name)) for name in names)
+            elif asymmetric:
                 out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
                 if advance_fp is not None:
                     advance_fp(b, out)
@@ -249,16 +271,28 @@ def quantize_blocks(
             def run_stage(blk, x, si=si):
                 return plan.run(blk, si, x)
 
+            fp_inputs = None
+            if asymmetric and needs_data and device.type == "cpu" and \
+                    not any(routed.is_expert_group(block, g) for g in stage_groups):
+                t0 = _now(device)  # CPU: one FP pass of the stage records every group's FP inputs
+                fp_inputs = _record_fp_inputs(fp_block, [n for g in stage_groups for n in g], xfp, run_stage, device,
+                                              stream_device, pin)
+                times["capture_s"] += _now(device) - t0
             for gi, group in enumerate(stage_groups):
                 t0 = _now(device)
                 # GPTAQ: the stage's last group's capture runs the FP stage to its end and advances the FP stream
                 advance_fp = None
-                if asymmetric and gi == len(stage_groups) - 1:
+                if asymmetric and fp_inputs is None and gi == len(stage_groups) - 1:
                     def advance_fp(b, out):
                         xfp[b] = _to(_output(out), stream_device, pin)
-                capture = routed.capture_group if routed.is_expert_group(block, group) else _capture_group
-                stats = capture(block, fp_block, group, xq, xfp, run_stage, device, asymmetric,
-                                advance_fp) if needs_data else {}
+                if not needs_data:
+                    stats = {}
+                elif routed.is_expert_group(block, group):
+                    stats = routed.capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric,
+                                                 advance_fp)
+                else:
+                    stats = _capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, advance_fp,
+                                           fp_inputs)
                 t1 = _now(device)
                 times["capture_s"] += t1 - t0
                 mine = {name: _solve_linear(block, name, stats.get(name), cfg, i, desc, on_quantized is not None)

@@ -81,11 +81,9 @@ def load(args) -> tuple[nn.Module, object, torch.device]:
         for group in vit.sublayer_groups(block):
             for name in group:
                 cols = block.get_submodule(name).in_features
-                for flag in ("w_groupsize", "a_groupsize"):
-                    size = getattr(args, flag)
-                    if size > 0 and cols % size:
-                        raise vit.VitModelError(f"--{flag} {size} does not divide the {cols} input features of "
-                                                f"blocks.*.{name}")
+                if args.a_groupsize > 0 and cols % args.a_groupsize:  # weight groups need not divide
+                    raise vit.VitModelError(f"--a_groupsize {args.a_groupsize} does not divide the {cols} input "
+                                            f"features of blocks.*.{name}")
     return model.to(device), model_transform(model), device
 
 

@@ -45,8 +45,6 @@ def _check_inputs(name: str, W: torch.Tensor, H: torch.Tensor | None, dXXT: torc
     if W.dim() != 2:
         raise SolverError(f"{name}: W must be 2-D [out_features, in_features], got shape {tuple(W.shape)}")
     cols = W.shape[1]
-    if cfg.group_size != -1 and cols % cfg.group_size:
-        raise SolverError(f"{name}: group_size {cfg.group_size} does not divide the {cols} input columns")
     if not torch.isfinite(W).all():
         raise SolverError(f"{name}: W has non-finite entries")
     needed = {"gptq": ("H",), "gptaq": ("H", "dXXT"), "rtn": ()}[cfg.method]

@@ -13,7 +13,8 @@ the same codes (float rounding aside) with fewer, larger kernels:
 - GPTAQ's extra products on CUDA float32 in GPTAQConfig.precision (split TF32 by default, float32-level accuracy);
 - group grids (SolverConfig.group_fit): "block_start" fits every group of a lazy block on the block's columns as
   they stand when it starts (the published rule; in the M form that value is W[:, J] + c_J triu(U[J, J])),
-  "updated" fits each group on its columns as updated by every earlier column, the block's included.
+  "updated" fits each group on its columns as updated by every earlier column, the block's included; a group size
+  that does not divide the columns leaves a narrower last group (in the last lazy block), as in the published loop.
 Variants: "exact" runs GPTQ on V = W + alpha W dXXT H_d^-1; "p_term_only" keeps diag(U) and P only (no error
 feedback).  Arithmetic is float32, or float64 for a float64 W; results come back in W's column order.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from common.quant.weight_grid import fit_grid
 from common.solver import tf32
 from common.solver.config import NO_QUANT_BITS, SolverConfig
 from common.solver.linalg import (addmm, asym_cross, asym_matrix, inverse_cholesky, lazy_blocksize, mm_upper,
@@ -203,7 +203,7 @@ def solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None
     dev = W.device
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     rows, cols = W.shape
-    gs, bits, scale_dtype = cfg.group_size, cfg.bits, cfg.scale_torch_dtype
+    gs, bits = cfg.group_size, cfg.bits
     W = W.to(dtype).clone()
     H = H.to(dev, dtype)
     if dXXT is not None:
@@ -245,10 +245,14 @@ def solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None
         del D
 
     quantize = bits != NO_QUANT_BITS
-    ngroups = 1 if gs == -1 else cols // gs
+    ngroups = cfg.num_groups(cols)  # where gs does not divide cols the last group is narrower (slices stop at cols)
     dynamic = quantize and gs != -1 and not cfg.static_groups  # group grids fitted during the solve
     fit_between_walks = dynamic and cfg.group_fit == "updated"
     scales = zeros = g_pos = g_list = None
+
+    def fit_group(k: int, Wg: torch.Tensor) -> None:
+        scales[:, k:k + 1], zeros[:, k:k + 1] = cfg.fit_grid(Wg)
+
     if quantize:
         scales = torch.zeros(rows, ngroups, dtype=dtype, device=dev)
         zeros = torch.zeros(rows, ngroups, dtype=dtype, device=dev)
@@ -258,15 +262,11 @@ def solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None
             g_pos = perm // gs
             W_orig = W[:, torch.argsort(perm)]
             for k in range(ngroups):
-                scales[:, k:k + 1], zeros[:, k:k + 1] = fit_grid(W_orig[:, k * gs:(k + 1) * gs], bits, cfg.sym,
-                                                                 cfg.mse, scale_dtype)
+                fit_group(k, W_orig[:, k * gs:(k + 1) * gs])
             del W_orig
         elif gs == -1:
-            scales[:], zeros[:] = fit_grid(W, bits, cfg.sym, cfg.mse, scale_dtype)
+            scales[:], zeros[:] = cfg.fit_grid(W)
         g_list = g_pos.tolist()
-
-    def fit_group(k: int, Wg: torch.Tensor) -> None:
-        scales[:, k:k + 1], zeros[:, k:k + 1] = fit_grid(Wg, bits, cfg.sym, cfg.mse, scale_dtype)
 
     # Lazy blocks of `lazy` columns, walked `width` columns at a time (a kernel launch for the Triton backend).
     # Inside a lazy block the P term uses each column before rounding; later blocks get the rounded Q:

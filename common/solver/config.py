@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from common.quant.weight_grid import SYM_GRIDS, fit_grid
+
 __all__ = ["ConfigError", "GPTAQConfig", "SolverConfig", "METHODS", "BACKENDS", "GROUP_FITS", "QUANT_ORDERS",
-           "GPTAQ_VARIANTS", "GPTAQ_FORMS", "GPTAQ_PRECISIONS", "NO_QUANT_BITS"]
+           "GPTAQ_VARIANTS", "GPTAQ_FORMS", "GPTAQ_PRECISIONS", "NO_QUANT_BITS", "SYM_GRIDS"]
 
 NO_QUANT_BITS = 16  # bits=16 means "do not round": the solver only applies its (exact) corrections
 METHODS = ("gptq", "gptaq", "rtn", "none")
@@ -31,6 +33,9 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 #   "updated"     (ours): on the group's columns as updated by every earlier column, the block's included.
 GROUP_FITS = ("block_start", "updated")
 QUANT_ORDERS = ("auto", "w_first", "a_first")
+# The symmetric weight grid (sym=True; common.quant.weight_grid), zero point 2^(b-1) in both:
+#   "quarot" (QuaRot and the GPTAQ paper code): scale = amax / (2^(b-1) - 1),
+#   "gptq"   (IST-DASLab GPTQ, GPTQModel's weight-only GPTQ / GPTAQ): scale = 2 amax / (2^b - 1).
 # "published": the P form, W[:, i:] -= err_i U[i, i:] - w_i P[i, i:] (GPTQv2);
 # "exact": GPTQ on the least-squares target V = W + alpha W dXXT H^-1 (ours);
 # "p_term_only": the P term without GPTQ's error feedback (the paper's Table 5 ablation).
@@ -83,8 +88,10 @@ class GPTAQConfig:
 class SolverConfig:
     """How every linear's weight is quantized.
 
-    method "gptq" | "gptaq" | "rtn" | "none"; bits 2..8 (16: no rounding); sym/asymmetric grid; mse: MSE clip
-    search of the grid; group_size (-1: one grid per output channel); act_order (columns by descending diag H);
+    method "gptq" | "gptaq" | "rtn" | "none"; bits 2..8 (16: no rounding); sym/asymmetric grid; sym_grid: the
+    symmetric grid's convention (see SYM_GRIDS; needs sym); mse: MSE clip search of the grid; group_size (-1: one
+    grid per output channel; a size that does not divide the input features leaves a narrower last group, as in
+    the published code); act_order (columns by descending diag H);
     static_groups (every group grid from the unquantized W); percdamp (fraction of mean diag H added to the
     diagonal); blocksize (lazy batch width); order "forward" or "reverse" (Babai's nearest plane); group_fit (see
     GROUP_FITS); backend (see BACKENDS); scale_dtype ("float16": scales rounded as a GPTQ checkpoint stores
@@ -95,6 +102,7 @@ class SolverConfig:
     method: str = "gptq"
     bits: int = NO_QUANT_BITS
     sym: bool = False
+    sym_grid: str = "quarot"
     mse: bool = False
     group_size: int = -1
     act_order: bool = False
@@ -114,6 +122,9 @@ class SolverConfig:
                 2 <= self.bits <= 8 or self.bits == NO_QUANT_BITS):
             raise ConfigError("bits", f"expected an integer in 2..8 or {NO_QUANT_BITS} (not quantized), "
                                       f"got {self.bits!r}")
+        _choice("sym_grid", self.sym_grid, SYM_GRIDS)
+        if self.sym_grid != "quarot" and not self.sym:
+            raise ConfigError("sym_grid", f"{self.sym_grid!r} is a symmetric grid convention; it needs sym=True")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
             raise ConfigError("group_size", f"expected -1 (no groups) or a positive integer, got {self.group_size!r}")
         if not isinstance(self.percdamp, (int, float)) or not (0.0 <= self.percdamp < math.inf):
@@ -159,6 +170,16 @@ class SolverConfig:
     @property
     def scale_torch_dtype(self) -> torch.dtype | None:
         return None if self.scale_dtype is None else getattr(torch, self.scale_dtype)
+
+    def num_groups(self, cols: int) -> int:
+        """Grids per output channel of a layer with `cols` input features: 1, or ceil(cols / group_size) (a last
+        group narrower than the others where group_size does not divide cols, as in the published code)."""
+        return 1 if self.group_size == -1 else -(-cols // self.group_size)
+
+    def fit_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) [rows, 1] of the rows of x on this configuration's grid (bits, sym, sym_grid, mse clip search,
+        scales rounded to scale_dtype)."""
+        return fit_grid(x, self.bits, self.sym, self.mse, self.scale_torch_dtype, self.sym_grid)
 
     @property
     def label(self) -> str:

@@ -14,11 +14,14 @@ Table 5 ablation) drops GPTQ's error feedback, U's off-diagonal, and keeps diag(
 Conventions: U is `inverse_cholesky`'s, the published cholesky(cholesky_inverse(cholesky(H_d)), upper=True) without
 forming H_d^-1 (retried with 10x the dampening while H_d is not positive definite); dead inputs (diag H = 0) get
 H_ii = 1, a zero weight column and a zero dXXT column; act_order processes columns by descending diag(H), order
-"reverse" flips the order (Babai's nearest plane); grids are `fit_grid`'s (MSE clip search with mse): per channel,
+"reverse" flips the order (Babai's nearest plane); grids are `SolverConfig.fit_grid`'s (symmetric convention
+sym_grid, MSE clip search with mse): per channel,
 fitted once on the whole W; static groups, each fitted on the unpermuted W before the solve; otherwise a group's
 grid is fitted when its first column comes up, on W[:, group] as it stands when the lazy block starts (the block's
 in-block updates live in W1 until it ends) - or, with group_fit "updated", on W1's updated columns.  Lazy blocks are
-blocksize made a multiple of the group size (`lazy_blocksize`); bits 16 means no rounding.
+blocksize made a multiple of the group size (`lazy_blocksize`); bits 16 means no rounding.  A group size that does not
+divide the columns leaves a narrower last group (ceil(cols / gs) grids per row): each group's slice W[:, g:g + gs]
+stops at the last column, as in the published loops (and GPTQModel's).
 Arithmetic is float64 for a float64 W, else float32; no TF32, no M form, no fused kernels.
 """
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from common.quant.grid import fake_quantize
-from common.quant.weight_grid import fit_grid
 from common.solver import tf32
 from common.solver.config import NO_QUANT_BITS, SolverConfig
 from common.solver.linalg import inverse_cholesky, lazy_blocksize, processing_order
@@ -52,9 +54,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     rows, cols = W.shape
     gs, bits, quantize = cfg.group_size, cfg.bits, cfg.bits != NO_QUANT_BITS
 
-    def grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_grid(x, bits, cfg.sym, cfg.mse, cfg.scale_torch_dtype)
-
+    grid = cfg.fit_grid
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -81,7 +81,7 @@ def _solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | Non
     # ----------------------------------------------------------------------------------------------------------------
 
     # grids: scales[:, k], zeros[:, k] of group k; g_pos[j] is the group of processing position j
-    ngroups = 1 if gs == -1 else cols // gs
+    ngroups = cfg.num_groups(cols)  # the last group is narrower where gs does not divide cols (slices stop at cols)
     scales = torch.zeros(rows, ngroups, dtype=dtype, device=W.device)
     zeros = torch.zeros_like(scales)
     if gs == -1:

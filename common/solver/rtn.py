@@ -1,14 +1,14 @@
 """Round to nearest: every entry of W on its grid, q = s (clamp(round(w / s) + z, 0, maxq) - z), no error feedback.
 
-One grid per output channel (group_size -1) or per group of consecutive input columns, fitted by `fit_grid` (with
-the MSE clip search when cfg.mse), the grids GPTQ uses.
+One grid per output channel (group_size -1) or per group of consecutive input columns (the last one narrower where
+the group size does not divide the input features), fitted by `SolverConfig.fit_grid` (with the MSE clip search when
+cfg.mse), the grids GPTQ uses.
 """
 from __future__ import annotations
 
 import torch
 
 from common.quant.grid import dequantize, quantize_codes
-from common.quant.weight_grid import fit_grid
 from common.solver.config import NO_QUANT_BITS, SolverConfig
 from common.solver.result import QuantResult
 
@@ -27,7 +27,7 @@ def solve(W: torch.Tensor, cfg: SolverConfig) -> QuantResult:
     gs = cols if cfg.group_size == -1 else cfg.group_size
     scales, zeros, codes = [], [], []
     for g0 in range(0, cols, gs):
-        s, z = fit_grid(Wf[:, g0:g0 + gs], cfg.bits, cfg.sym, cfg.mse, cfg.scale_torch_dtype)
+        s, z = cfg.fit_grid(Wf[:, g0:g0 + gs])
         codes.append(quantize_codes(Wf[:, g0:g0 + gs], s, z, cfg.bits))
         scales.append(s)
         zeros.append(z)
