@@ -195,7 +195,7 @@ def act_quant() -> dict:
 
 def layer_pieces(tmp: str) -> tuple[dict, object]:
     """One streamed layer's pieces, as common.pipeline.streaming.quantize_checkpoint runs them."""
-    from common.models.rotation import Rotation, check_rotations, rotate_embeddings, rotate_layer
+    from common.models.rotation import Rotation, check_rotations, rotate_layer
 
     config = model_config(SHAPE, 1)
     ckdir = os.path.join(tmp, "ckpt")
@@ -210,12 +210,7 @@ def layer_pieces(tmp: str) -> tuple[dict, object]:
     R1, R2s = check_rotations(model, rot.R1, rot.R2)
     R1, R2s = R1.to(DEV), [x.to(DEV) for x in R2s]
     streaming._load_outer(model, ckpt, torch.float16)
-    outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
-    for m in outer:
-        m.to(DEV)
-    rotate_embeddings(model, R1)
-    for m in outer:
-        m.to("cpu")
+    streaming.rotate_outer(model, R1, DEV)
     layer = llm.decoder_layers(model)[0]
     prefix = f"{streaming.LAYERS_PREFIX}0."
     names = streaming.checkpoint_names(layer, prefix)

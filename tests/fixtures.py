@@ -80,12 +80,18 @@ def make_tiny_causal_lm(arch: str, directory: str | Path, seed: int = 0, **overr
     tok = make_tiny_tokenizer(directory)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), **overrides), dtype=torch.float32)
+    return _randomize_and_save(model, directory)
+
+
+def _randomize_and_save(model, directory: Path, router_std: float = 0.08) -> Path:
+    """Non-unit norm scales (they exercise norm fusion), N(0, 0.08) matrices (MoE routers: N(0, router_std), so
+    that tokens spread over the experts), N(0, 0.02) vectors; then save_pretrained into `directory`."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-unit norm scales exercise norm fusion
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
             elif p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, router_std if name.endswith("mlp.gate.weight") else 0.08)
             else:
                 p.normal_(0.0, 0.02)
     model.save_pretrained(str(directory))
@@ -126,13 +132,18 @@ def make_tiny_moe_lm(arch: str, directory: str | Path, seed: int = 0, **override
     tok = make_tiny_tokenizer(directory)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, len(tok), **overrides), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.08 if not name.endswith("mlp.gate.weight") else 0.5)
-            else:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(str(directory))
-    return directory
+    return _randomize_and_save(model, directory, router_std=0.5)
+
+
+def rotated_quantized_model(path: str | Path, a_bits: int = 4, nbatches: int = 2):
+    """(model, token batches): the tiny model at `path` in float32, QuaRot-rotated (seed 0), with A`a_bits` and KV4
+    quantizers, and `nbatches` random [2, 32] token batches (seed 0)."""
+    from common.models import llm
+    from common.models.kv_quant import KVQuantConfig
+    from common.models.rotation import quarot_rotate
+
+    model = llm.load_model(str(path), "float32")
+    quarot_rotate(model, seed=0)
+    llm.install_quantizers(model, llm.ActQuantSettings(bits=a_bits), KVQuantConfig(k_bits=4, v_bits=4, rotate_qk=True))
+    g = torch.Generator().manual_seed(0)
+    return model, [torch.randint(4, 300, (2, 32), generator=g) for _ in range(nbatches)]

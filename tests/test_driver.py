@@ -10,7 +10,7 @@ from common.quant.act_quant import ActQuantLinear, ActQuantizer, set_act_quant, 
 from common.pipeline.driver import quantize_blocks
 from common.pipeline.hessian import HessianAccumulator
 from common.solver import SolverConfig
-from fixtures import make_tiny_causal_lm
+from fixtures import make_tiny_causal_lm, rotated_quantized_model
 
 LINEARS = [n for g in llm.LAYER_GROUPS for n in g]
 _ADD = HessianAccumulator.add  # the production accumulator's own add, wrapped by _run
@@ -22,15 +22,7 @@ def llama_dir(tmp_path_factory):
 
 
 def _setup(path, a_bits=4):
-    from common.models.kv_quant import KVQuantConfig
-    from common.models.rotation import quarot_rotate
-
-    model = llm.load_model(str(path), "float32")
-    quarot_rotate(model, seed=0)
-    llm.install_quantizers(model, llm.ActQuantSettings(bits=a_bits), KVQuantConfig(k_bits=4, v_bits=4, rotate_qk=True))
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(4, 300, (2, 32), generator=g) for _ in range(2)]
-    return model, batches
+    return rotated_quantized_model(path, a_bits)
 
 
 def _run(model, batches, method, monkeypatch, **kw):

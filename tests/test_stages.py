@@ -11,18 +11,11 @@ from common.models import llm
 from common.pipeline import driver
 from common.pipeline.driver import quantize_blocks
 from common.solver import SolverConfig
-from fixtures import make_tiny_causal_lm
+from fixtures import make_tiny_causal_lm, rotated_quantized_model
 
 
 def _model(path, a_bits=4):
-    from common.models.kv_quant import KVQuantConfig
-    from common.models.rotation import quarot_rotate
-
-    model = llm.load_model(str(path), "float32")
-    quarot_rotate(model, seed=0)
-    llm.install_quantizers(model, llm.ActQuantSettings(bits=a_bits), KVQuantConfig(k_bits=4, v_bits=4, rotate_qk=True))
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(4, 300, (2, 32), generator=g) for _ in range(3)]
+    model, batches = rotated_quantized_model(path, a_bits, nbatches=3)
     return model, llm.capture_layer_inputs(model, batches, "cpu")
 
 

@@ -423,6 +423,19 @@ def keeps_grids(wcfg, config) -> bool:
     return True
 
 
+def rotate_outer(model: nn.Module, R1: torch.Tensor, device: torch.device | str) -> None:
+    """QuaRot's R1 on the parts outside the decoder layers (embedding, lm_head, final norm folded), computed on
+    `device` and moved back to the host."""
+    from common.models.rotation import rotate_embeddings
+
+    outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
+    for m in outer:
+        m.to(device)
+    rotate_embeddings(model, R1)
+    for m in outer:
+        m.to("cpu")
+
+
 def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtype, wcfg, act: llm.ActQuantSettings,
                         kv, calibration: list[torch.Tensor], device: torch.device | str,
                         rotation: Rotation | None = None, offload_inputs: bool = False, tokenizer=None,
@@ -445,7 +458,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
     """
     from common.io.export import GPTQCollector, plain_tensor, quantization_config, write_export_files
     from common.pipeline.driver import quantize_blocks
-    from common.models.rotation import check_rotations, rotate_embeddings, rotate_layer, rotation_record
+    from common.models.rotation import check_rotations, rotate_layer, rotation_record
 
     dtype = _dtype(dtype)
     device = torch.device(device)
@@ -473,12 +486,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             exporter = _export_writer(export_dir, nlayers)
         _load_outer(model, ckpt, dtype)
         if rotation is not None:
-            outer = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
-            for m in outer:
-                m.to(device)
-            rotate_embeddings(model, R1)
-            for m in outer:
-                m.to("cpu")
+            rotate_outer(model, R1, device)
         writer.write(_outer_state(model))
         if exporter is not None:
             exporter.write({k: plain_tensor(v, export_dtype) for k, v in _outer_state(model).items()})
