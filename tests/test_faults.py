@@ -503,12 +503,13 @@ def test_8_offline_mode_is_switched_on_and_back(offline):
 
 
 def test_9_input_errors_exit_2_everywhere(env, vit_env, tmp_path, capsys):
-    _input_error(capsys, fq_main, _argv(env, tmp_path, "--w_bits", "4", "--w_groupsize", "48"),
-                 "--w_groupsize 48 does not divide")
-    _input_error(capsys, sq_main, _argv(env, tmp_path, "--w_bits", "4", "--w_groupsize", "48",
-                                        "--optimized_rotation_path", env["rot"]), "--w_groupsize 48 does not divide")
-    _input_error(capsys, vit_main, _vit_argv(vit_env, tmp_path / "v", "--w_bits", "4", "--w_groupsize", "5"),
-                 "--w_groupsize 5 does not divide")
+    # (a weight group size need not divide the width: the last group is narrower; an activation one must)
+    _input_error(capsys, fq_main, _argv(env, tmp_path, "--a_bits", "4", "--a_groupsize", "48"),
+                 "--a_groupsize 48 does not divide")
+    _input_error(capsys, sq_main, _argv(env, tmp_path, "--a_bits", "4", "--a_groupsize", "48",
+                                        "--optimized_rotation_path", env["rot"]), "--a_groupsize 48 does not divide")
+    _input_error(capsys, vit_main, _vit_argv(vit_env, tmp_path / "v", "--a_bits", "4", "--a_groupsize", "5"),
+                 "--a_groupsize 5 does not divide")
 
 
 def test_9_outputs_get_ordinary_permissions(env, saved):
