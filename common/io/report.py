@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from common.eval.lm_eval_runner import task_score
+from common.models.files import atomic_write
 from common.io.results import markdown_table
 
 __all__ = ["ReportError", "load_rows", "row_from_record", "report_markdown", "rows_csv", "compare_with_paper",
@@ -422,16 +423,7 @@ def write_plots(rows: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
 # ---------------------------------------------------------------- CLI
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from common.models.files import ordinary_permissions
+from common.models.files import atomic_write
 
 __all__ = ["git_commit", "environment", "PhaseTimer", "peak_memory", "reset_peak_memory", "to_jsonable",
            "write_json", "write_results", "markdown_table"]
@@ -118,20 +117,10 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON atomically (temp file in the same directory, then os.replace), mode 0666 minus the umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        ordinary_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    def dump(f) -> None:
+        json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+    return atomic_write(path, dump)
 
 
 def write_results(output_dir: str | os.PathLike, result: dict, filename: str = "results.json") -> Path:

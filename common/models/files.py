@@ -12,9 +12,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
-__all__ = ["FileError", "check_output_dir", "check_output_file", "read_json", "ordinary_permissions"]
+__all__ = ["atomic_write", "FileError", "check_output_dir", "check_output_file", "read_json", "ordinary_permissions"]
 
 
 class FileError(ValueError):
@@ -80,3 +80,26 @@ def ordinary_permissions(path: str | os.PathLike) -> None:
         os.chmod(path, 0o777 & ~mask)
     else:
         os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False,
+                 fsync: bool = False) -> Path:
+    """Create `path` atomically: write(f) into a temporary file beside it (opened "w" or "wb"), optionally
+    fsync it, give it ordinary permissions and os.replace it onto `path`; on any failure the temporary file is
+    removed and `path` is left as it was.  Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        ordinary_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

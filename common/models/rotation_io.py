@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common.models.files import ordinary_permissions
+from common.models.files import atomic_write
 
 __all__ = ["RotationSet", "model_dims", "save_rotations", "load_rotations", "check_against_model", "r2_key"]
 
@@ -72,17 +71,7 @@ def save_rotations(path: str | os.PathLike, R1: torch.Tensor, R2: list[torch.Ten
     for i, r in enumerate(R2):
         state[r2_key(i)] = r.detach().float().cpu().contiguous()
     state["meta"] = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        ordinary_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_rotations(path: str | os.PathLike, config=None) -> RotationSet:

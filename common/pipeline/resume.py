@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.models.files import ordinary_permissions
+from common.models.files import atomic_write
 from common.pipeline import distributed
 from common.io.results import to_jsonable, write_json
 from common.solver import QuantResult
@@ -62,18 +61,7 @@ def differences(saved: dict, current: dict) -> list[str]:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same directory, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        ordinary_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, fsync=True)
 
 
 def _result_to_dict(res: QuantResult) -> dict:
