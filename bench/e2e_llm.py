@@ -35,7 +35,7 @@ from common.pipeline import streaming  # noqa: E402
 from common.eval.perplexity import perplexity  # noqa: E402
 from common.io.results import environment, git_commit, markdown_table, write_json  # noqa: E402
 from common.cli.llm import parse_args, settings  # noqa: E402
-from common.runs.llm import quantize_streamed, rotation_of  # noqa: E402
+from common.runs.llm import quantize, quantize_streamed, rotation_of  # noqa: E402
 
 FULL_LAYERS = 32
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -44,6 +44,7 @@ SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_
              max_position_embeddings=256, rms_norm_eps=1e-5)
 # per-layer phases (common.pipeline.driver's block_times + common.pipeline.streaming's layer I/O), summed over layers
 PHASES = ("capture_s", "solve_s", "forward_s", "read_s", "prepare_s", "copy_s", "write_s", "release_s")
+PREPARE_STEPS = ("to_device_s", "rotate_s", "quantizers_s")  # prepare_s by step
 W4A4_ROTATED = ["--rotate", "--w_bits", "4", "--a_bits", "4", "--w_clip", "--a_clip_ratio", "0.9"]
 GIB = 2**30
 
@@ -170,18 +171,44 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
     finally:
         shutil.rmtree(qdir, ignore_errors=True)
     phases = {k: round(sum(b.get(k, 0.0) for b in block_times), 2) for k in PHASES}
+    prepare_steps = {k: round(sum(b.get("prepare", {}).get(k, 0.0) for b in block_times), 2) for k in PREPARE_STEPS}
     phases["setup_s"] = round(sum(setup_times.values()), 2)
     row = {"method": method, "layers": config.num_hidden_layers, "tokens": a.nsamples * a.seqlen, **phases,
            "other_quantize_s": round(quantize_s - sum(phases.values()), 2), "quantize_s": round(quantize_s, 2),
            "eval_s": round(eval_s, 2), "peak_gpu_quantize_gib": peak_quantize, "peak_gpu_eval_gib": peak_eval,
            "estimate_gpu_gib": memory_estimate_gib(config, llm.DTYPES[a.dtype], a.nsamples, a.seqlen,
                                                    method == "gptaq", a.offload_inputs)["total"],
-           "ppl_random_model": round(ppl, 3), "setup_times": setup_times, "block_times": block_times}
+           "ppl_random_model": round(ppl, 3), "prepare_steps": prepare_steps, "setup_times": setup_times,
+           "block_times": block_times}
     if config.num_hidden_layers < FULL_LAYERS and not a.smoke:
         scale = FULL_LAYERS / config.num_hidden_layers
         row["extrapolated_32"] = {k: round(v * scale, 1) for k, v in phases.items() if k != "setup_s"}
         row["extrapolated_32"]["per_layer_quantize_s"] = round(quantize_s / config.num_hidden_layers, 2)
     return row
+
+
+def run_in_memory(method: str, a: argparse.Namespace, model_dir: str, device: torch.device,
+                  cal: list[torch.Tensor]) -> dict:
+    """The same method on the whole model loaded into host memory (fake_quant/main.py without --stream):
+    load, then `common.runs.llm.quantize` (rotation of the whole model, then the layer-by-layer solve)."""
+    argv = ["--model", model_dir, "--dtype", a.dtype, "--device", str(device), "--nsamples", str(a.nsamples),
+            "--seqlen", str(a.seqlen), "--bsz", str(a.bsz), "--seed", str(a.seed), *W4A4_ROTATED]
+    argv += ["--gptaq"] if method == "gptaq" else []
+    argv += ["--offload_inputs"] if a.offload_inputs else []
+    args = parse_args(argv)
+    args.dtype = a.dtype
+    wcfg, act, kv = settings(args)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    model = llm.load_model(model_dir, a.dtype)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    quantize(model, args, wcfg, act, kv, cal, device, rotation_of(args))
+    _sync(device)
+    quantize_s = time.perf_counter() - t0
+    del model
+    return {"method": f"{method} (in memory)", "load_s": round(load_s, 2), "quantize_s": round(quantize_s, 2),
+            "peak_gpu_quantize_gib": _peak_gib(device), "host_peak_rss_gib": host_peak_gib()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -197,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval_windows", type=int, default=16, help="random-token perplexity windows of --seqlen")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--offload_inputs", action="store_true", help="calibration streams in pinned CPU memory")
+    p.add_argument("--in_memory", action="store_true",
+                   help="also run each method on the whole model in host memory (no --stream), for the comparison")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
@@ -224,10 +253,20 @@ def main(argv: list[str] | None = None) -> dict:
     cal = [torch.randint(0, shape["vocab_size"], (1, a.seqlen), generator=g) for _ in range(a.nsamples)]
     windows = torch.randint(0, shape["vocab_size"], (a.eval_windows, a.seqlen), generator=g)
     rows = [run_method(m, a, model_dir, device, cal, windows, config) for m in a.methods]
+    in_memory = [run_in_memory(m, a, model_dir, device, cal) for m in a.methods] if a.in_memory else []
 
     columns = ["method", "layers", "tokens", *PHASES, "setup_s", "other_quantize_s", "quantize_s",
                "eval_s", "peak_gpu_quantize_gib", "peak_gpu_eval_gib", "estimate_gpu_gib"]
     print(markdown_table(rows, columns))
+    for r in rows:
+        print(f"{r['method']}: prepare_s by step {r['prepare_steps']}")
+    if in_memory:
+        print(markdown_table(in_memory, ["method", "load_s", "quantize_s", "peak_gpu_quantize_gib",
+                                         "host_peak_rss_gib"]))
+        streamed = {r["method"]: r["quantize_s"] for r in rows}
+        for r in in_memory:
+            m = r["method"].split()[0]
+            print(f"{m}: --stream / in memory = {streamed[m] / r['quantize_s']:.2f} (quantize phase)")
     for r in rows:
         if "extrapolated_32" in r:
             print(f"{r['method']}: EXTRAPOLATED to 32 layers from {r['layers']}: {r['extrapolated_32']}")
@@ -236,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "e2e_llm", "device": name, "command": command,
               "settings": {**vars(a), "flags": W4A4_ROTATED, "model": config.to_diff_dict()},
               "build_checkpoint_s": round(build_s, 2), "host_peak_rss_gib": host_peak_gib(), "rows": rows,
+              "in_memory": in_memory,
               "memory_estimate_gib": {m: memory_estimate_gib(config, llm.DTYPES[a.dtype], a.nsamples, a.seqlen,
                                                               m == "gptaq", a.offload_inputs) for m in a.methods},
               "git_commit": git_commit(), "environment": environment()}

@@ -13,7 +13,8 @@ Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
              deep copy, write back; forwards per batch (whole layer, up to each group's inputs)
   capture    quantize_blocks' phases on that layer (16 batches) with and without stage-wise capture
   agreement  equal weight entries after quantizing the layer with this code's statistics and with float64 sums
-  solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone
+  solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone: PyTorch loop and fused kernel
+             (common.quant.mse_triton), and how many grids the two choose differently
 
     python bench/profile_e2e.py --json $OUT/profile_e2e.json
 """
@@ -341,6 +342,12 @@ def solve(layer, inputs, wcfg) -> dict:
             H, D = acc.H, acc.dXXT
             r = {"shape": list(W.shape)}
             r["fit_grid_mse_s"] = timed(lambda: fit_grid(W, 4, False, True), 3)
+            r["fit_grid_mse_fused_s"] = timed(lambda: fit_grid(W, 4, False, True, fused=True), 3)
+            for bits, gs in ((4, -1), (4, 128), (3, 128), (8, -1)):  # rows whose fused search picked another grid
+                groups = [W] if gs == -1 else [W[:, c:c + gs] for c in range(0, W.shape[1], gs)]
+                differ = sum(int((fit_grid(x, bits, False, True)[0] != fit_grid(x, bits, False, True, fused=True)[0])
+                                 .sum()) for x in groups)
+                r[f"fused_grid_differs_w{bits}g{gs}"] = f"{differ} of {W.shape[0] * len(groups)} grids"
             for method in ("gptq", "gptaq"):
                 cfg = dataclasses.replace(wcfg, method=method)
                 r[f"{method}_s"] = timed(lambda: solver.quantize_linear(W, H, D, cfg), 3)

@@ -94,7 +94,7 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
 
     set_min_tokens(model, moe_min_tokens)
     if rotation is not None:
-        rotation.apply(model, online_r4=export_format is None, progress=progress)
+        rotation.apply(model, online_r4=export_format is None, progress=progress, device=device)
     llm.install_quantizers(model, act, kv)
     layers: list[dict] = []
     if solver.active:

@@ -233,16 +233,29 @@ def rotation_record(mode: str, seed: int | None, online_r4: bool, fp32_had: bool
 @torch.no_grad()
 def rotate_model(model: nn.Module, R1: torch.Tensor, R2: torch.Tensor | list[torch.Tensor] | None, *,
                  online_r4: bool = True, fp32_had: bool = False, mode: str = "custom", seed: int | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, device: torch.device | str | None = None) -> None:
     """Fuse norms, then fold R1 (residual stream), R2 (value heads; one for all layers, one per layer, or None)
     and, with online_r4, the down_proj Hadamard into `model` in place (float64 math, cast back).
 
+    device (a CUDA device): each decoder layer of a model held elsewhere (host memory) is rotated there and moved
+    back, as the streamed pipeline rotates (float64 GEMMs on the GPU instead of the CPU).
     mode / seed only go into model.config.gptaq_rotation = {mode, seed, online_r4, fp32_had}.
     """
     R1, R2s = check_rotations(model, R1, R2)
     rotate_embeddings(model, R1)
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda":
+        dev = None
+    if dev is not None:
+        R1, R2s = R1.to(dev), [None if r is None else r.to(dev) for r in R2s]
     for i, layer in enumerate(tqdm(_layers(model), desc="rotate", disable=not progress)):
-        rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
+        home = next(layer.parameters()).device
+        if dev is not None and home != dev:
+            layer.to(dev)
+            rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
+            layer.to(home)
+        else:
+            rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
     setattr(model.config, CONFIG_KEY, rotation_record(mode, seed, online_r4, fp32_had))
 
 
@@ -272,12 +285,13 @@ class Rotation:
         """QuaRot's random Hadamard (or random orthogonal) R1 and shared R2 drawn from `seed`."""
         return cls(*quarot_matrices(config, mode, seed), mode=mode, seed=seed, fp32_had=fp32_had)
 
-    def apply(self, model: nn.Module, online_r4: bool = True, progress: bool = False) -> None:
+    def apply(self, model: nn.Module, online_r4: bool = True, progress: bool = False,
+              device: torch.device | str | None = None) -> None:
         """Fold into `model` in place (`rotate_model`; online_r4=False: R1/R2 only, a plain architecture, e.g. for
-        a weight-only export)."""
+        a weight-only export; device: where the layers are rotated)."""
         check_supported(model)
         rotate_model(model, self.R1, self.R2, online_r4=online_r4, fp32_had=self.fp32_had, mode=self.mode,
-                     seed=self.seed, progress=progress)
+                     seed=self.seed, progress=progress, device=device)
 
     def fingerprint(self) -> dict:
         """What identifies the rotation (for --resume): mode and seed when it is drawn from a seed (QuaRot's,

@@ -375,9 +375,10 @@ def _stages_agree(block: nn.Module, plan: BlockStages, run_block: Callable, x: t
 
 
 def _now(device: torch.device) -> float:
-    """perf_counter after the device's queued work has finished (phase timing)."""
+    """perf_counter after the work queued on the device's current stream has finished (phase timing; the shard
+    writer's host copies on their side stream keep running)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
 
 

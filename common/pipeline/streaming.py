@@ -334,21 +334,25 @@ class LayerStream:
     """The decoder layers of a skeleton model, one at a time: iterating yields layer i read from `ckpt` (CPU) and
     passed through `prepare(i, layer)`; when the consumer asks for layer i + 1, `finish(i, layer)` runs and layer i
     is released.  For a consumer that is done with a layer when it asks for the next (`quantize_blocks`).
-    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more).
+    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more),
+    into page-locked memory with pin=True (a CUDA run: the copy to the device then runs at full PCIe speed and
+    can be queued without blocking, `layer.to(device, non_blocking=True)`).
     `times[i]` = {"block", "read_s" (waiting for the read), "prepare_s", "write_s" (finish + release)}: wall
     seconds, CUDA synchronized."""
 
     def __init__(self, model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
-                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None]):
+                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None],
+                 pin: bool = False):
         self.layers, self.ckpt, self.dtype = llm.decoder_layers(model), ckpt, dtype
-        self.prepare, self.finish = prepare, finish
+        self.prepare, self.finish, self.pin = prepare, finish, pin
         self.times: list[dict] = []
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
-        return _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
+        state = _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
+        return {k: v.pin_memory() for k, v in state.items()} if self.pin else state
 
     def __iter__(self) -> Iterator[nn.Module]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
@@ -374,9 +378,10 @@ class LayerStream:
 
 
 def _synced() -> float:
-    """perf_counter after queued CUDA work has finished (phase timing)."""
+    """perf_counter after the work queued on the current CUDA stream has finished (phase timing; the shard
+    writer's host copies on their side stream keep running)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
     return time.perf_counter()
 
 
@@ -492,11 +497,19 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             exporter.write({k: plain_tensor(v, export_dtype) for k, v in _outer_state(model).items()})
         setup["outer_s"] = _synced() - t0
 
+        prepare_times: dict[int, dict] = {}
+
         def prepare(i: int, layer: nn.Module) -> None:
-            layer.to(device)
+            t = [_synced()]
+            layer.to(device, non_blocking=True)  # pinned host tensors on CUDA (LayerStream pin)
+            t.append(_synced())
             if rotation is not None:
                 rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=rotation.fp32_had)
+            t.append(_synced())
             llm.install_layer_quantizers(layer, act, kv)
+            t.append(_synced())
+            prepare_times[i] = {k: round(b - a, 4) for k, a, b in zip(("to_device_s", "rotate_s", "quantizers_s"),
+                                                                     t, t[1:])}
 
         def finish(i: int, layer: nn.Module) -> None:
             params = dict(layer.named_parameters())
@@ -513,7 +526,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         if wcfg.needs_data:
             inputs = llm.capture_layer_inputs(model, calibration, device)
         setup["embed_s"] = _synced() - t0
-        stream = LayerStream(model, ckpt, dtype, prepare, finish)
+        stream = LayerStream(model, ckpt, dtype, prepare, finish, pin=device.type == "cuda")
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
                                   offload_inputs=offload_inputs, desc="layer", block_times=block_times,
@@ -523,6 +536,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
             io = {t["block"]: t for t in stream.times}
             for entry in block_times:
                 entry.update({k: v for k, v in io.get(entry["block"], {}).items() if k != "block"})
+                entry["prepare"] = prepare_times.get(entry["block"], {})  # prepare_s by step
         t0 = time.perf_counter()
         if rotation is not None:
             setattr(model.config, "gptaq_rotation",

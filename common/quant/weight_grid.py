@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from common.quant import mse_triton
 from common.quant.grid import check_bits, fake_quantize, grid_params
 
 __all__ = ["fit_grid", "sym_grid_params", "SYM_GRIDS", "MSE_NORM", "MSE_STEPS", "MSE_MAXSHRINK"]
@@ -43,12 +44,14 @@ def sym_grid_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
 
 @torch.no_grad()
 def fit_grid(x: torch.Tensor, bits: int, sym: bool = False, mse: bool = False,
-             scale_dtype: torch.dtype | None = None, sym_grid: str = "quarot") -> tuple[torch.Tensor, torch.Tensor]:
+             scale_dtype: torch.dtype | None = None, sym_grid: str = "quarot",
+             fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) of shape [rows, 1] for the 2-D tensor x (rows are output channels).
 
     scale_dtype (e.g. torch.float16) rounds the chosen scales to what a checkpoint stores, so that the
     fake-quantized weights equal what an inference kernel dequantizes; sym_grid: the symmetric convention
-    (`SYM_GRIDS`, ignored for asymmetric grids).
+    (`SYM_GRIDS`, ignored for asymmetric grids); fused: run the MSE clip search as one Triton kernel
+    (`common.quant.mse_triton`) where it can run, else the PyTorch loop.
     """
     check_bits(bits, "weight bits")
     x = x.float()
@@ -56,7 +59,10 @@ def fit_grid(x: torch.Tensor, bits: int, sym: bool = False, mse: bool = False,
     xmin = torch.minimum(x.amin(dim=1, keepdim=True), zero_t)
     xmax = torch.maximum(x.amax(dim=1, keepdim=True), zero_t)
     scale, zero = sym_grid_params(xmin, xmax, bits, sym, sym_grid)
-    if mse:
+    if mse and fused and mse_triton.available(x):
+        scale, zero = mse_triton.mse_search(x, xmin, xmax, bits, sym, sym_grid, MSE_STEPS,
+                                            int(MSE_MAXSHRINK * MSE_STEPS), MSE_NORM)
+    elif mse:
         scale, zero = _mse_search(x, xmin, xmax, scale, zero, bits, sym, sym_grid)
     if scale_dtype is not None:
         scale = scale.to(scale_dtype).to(x.dtype)

@@ -232,9 +232,12 @@ def solve(name: str, W: torch.Tensor, H: torch.Tensor, dXXT: torch.Tensor | None
             if g.variant == "exact":
                 # V = W + alpha W dXXT H^-1: the least-squares target of min ||Q X~ - W X||; GPTQ on V is the exact
                 # greedy.  In processing order H^-1 = U^T U.
-                WD = addmm(mode, torch.zeros_like(W), W, D)
-                W += g.alpha * mm_upper(mm_upper(WD, U, transpose=True, mode=mode, panel=panel), U, transpose=False,
-                                        mode=mode, panel=panel)
+                # Formed once, in plain float32 unless plain TF32 was asked for (see GPTAQ_PRECISIONS).
+                v_mode = "tf32" if mode == "tf32" else "float32"
+                with tf32.tf32(v_mode == "tf32"):
+                    WD = addmm(v_mode, torch.zeros_like(W), W, D)
+                    W += g.alpha * mm_upper(mm_upper(WD, U, transpose=True, mode=v_mode, panel=panel), U,
+                                            transpose=False, mode=v_mode, panel=panel)
                 del WD
             elif g.variant == "p_term_only" or g.form == "p":
                 P = asym_matrix(D, U, g.alpha, mode=mode, panel=panel)

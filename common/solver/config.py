@@ -24,7 +24,8 @@ __all__ = ["ConfigError", "GPTAQConfig", "SolverConfig", "METHODS", "BACKENDS", 
 NO_QUANT_BITS = 16  # bits=16 means "do not round": the solver only applies its (exact) corrections
 METHODS = ("gptq", "gptaq", "rtn", "none")
 # "reference": the published layer loops (common.solver.reference), the definition the fast paths are checked
-# against; "torch": the blocked PyTorch solver; "triton": its column walk as one Triton kernel per block (CUDA);
+# against; "torch": the blocked PyTorch solver; "triton": its column walk as one Triton kernel per block and the
+# MSE clip search as one kernel (common.quant.mse_triton) (CUDA);
 # "auto": Triton on CUDA when importable, else torch.
 BACKENDS = ("auto", "triton", "torch", "reference")
 # When a group's grid is fitted (group_size smaller than the lazy block, no static groups):
@@ -46,7 +47,9 @@ GPTAQ_VARIANTS = ("published", "exact", "p_term_only")
 GPTAQ_FORMS = ("m", "p")
 # GPTAQ's extra products on CUDA float32 (CPU and float64 always use plain products): "split" = three TF32
 # products per float32 product (float32-level accuracy), "float32" = plain float32 GEMMs, "tf32" = one TF32
-# product (fastest; 95.0-99.3% of codes equal a float64 solve's, bench/RESULTS.md).
+# product (fastest; 95.0-99.3% of codes equal a float64 solve's, bench/RESULTS.md).  The exact variant's target
+# V = W + alpha W dXXT H^-1 (formed once per layer, three chained products) is plain float32 under "split" too:
+# split TF32 keeps ~2^-21 of each product, which at 8 bits moved 1% of the codes (bench/RESULTS.md).
 GPTAQ_PRECISIONS = ("split", "float32", "tf32")
 SCALE_DTYPES = (None, "float16", "bfloat16")
 
@@ -178,8 +181,10 @@ class SolverConfig:
 
     def fit_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) [rows, 1] of the rows of x on this configuration's grid (bits, sym, sym_grid, mse clip search,
-        scales rounded to scale_dtype)."""
-        return fit_grid(x, self.bits, self.sym, self.mse, self.scale_torch_dtype, self.sym_grid)
+        scales rounded to scale_dtype).  The Triton backends ("triton", "auto" on CUDA) run the MSE clip search as
+        one kernel (same candidate grids; the errors summed in another order)."""
+        fused = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)  # the Triton backends
+        return fit_grid(x, self.bits, self.sym, self.mse, self.scale_torch_dtype, self.sym_grid, fused)
 
     @property
     def label(self) -> str:
