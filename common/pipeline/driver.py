@@ -375,10 +375,9 @@ def _stages_agree(block: nn.Module, plan: BlockStages, run_block: Callable, x: t
 
 
 def _now(device: torch.device) -> float:
-    """perf_counter after the work queued on the device's current stream has finished (phase timing; the shard
-    writer's host copies on their side stream keep running)."""
+    """perf_counter after the device's queued work has finished (phase timing)."""
     if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 

@@ -334,25 +334,21 @@ class LayerStream:
     """The decoder layers of a skeleton model, one at a time: iterating yields layer i read from `ckpt` (CPU) and
     passed through `prepare(i, layer)`; when the consumer asks for layer i + 1, `finish(i, layer)` runs and layer i
     is released.  For a consumer that is done with a layer when it asks for the next (`quantize_blocks`).
-    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more),
-    into page-locked memory with pin=True (a CUDA run: the copy to the device then runs at full PCIe speed and
-    can be queued without blocking, `layer.to(device, non_blocking=True)`).
+    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more).
     `times[i]` = {"block", "read_s" (waiting for the read), "prepare_s", "write_s" (finish + release)}: wall
     seconds, CUDA synchronized."""
 
     def __init__(self, model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
-                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None],
-                 pin: bool = False):
+                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None]):
         self.layers, self.ckpt, self.dtype = llm.decoder_layers(model), ckpt, dtype
-        self.prepare, self.finish, self.pin = prepare, finish, pin
+        self.prepare, self.finish = prepare, finish
         self.times: list[dict] = []
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
-        state = _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
-        return {k: v.pin_memory() for k, v in state.items()} if self.pin else state
+        return _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
 
     def __iter__(self) -> Iterator[nn.Module]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
@@ -378,10 +374,9 @@ class LayerStream:
 
 
 def _synced() -> float:
-    """perf_counter after the work queued on the current CUDA stream has finished (phase timing; the shard
-    writer's host copies on their side stream keep running)."""
+    """perf_counter after queued CUDA work has finished (phase timing)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.current_stream().synchronize()
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -501,7 +496,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
 
         def prepare(i: int, layer: nn.Module) -> None:
             t = [_synced()]
-            layer.to(device, non_blocking=True)  # pinned host tensors on CUDA (LayerStream pin)
+            layer.to(device)
             t.append(_synced())
             if rotation is not None:
                 rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=rotation.fp32_had)
@@ -526,7 +521,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         if wcfg.needs_data:
             inputs = llm.capture_layer_inputs(model, calibration, device)
         setup["embed_s"] = _synced() - t0
-        stream = LayerStream(model, ckpt, dtype, prepare, finish, pin=device.type == "cuda")
+        stream = LayerStream(model, ckpt, dtype, prepare, finish)
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
                                   offload_inputs=offload_inputs, desc="layer", block_times=block_times,

@@ -80,9 +80,9 @@ if triton is not None:
         for c1 in range(0, cols, BLOCK_C):
             cmask = (c1 + c) < cols
             x = tl.load(X + r.to(tl.int64) * stride_r + (c1 + c) * stride_c, mask=cmask, other=0.0)
-            t = tl.math.div_rn(x[None, :], scale[:, None])
-            t = (t + 12582912.0) - 12582912.0
-            q = tl.minimum(tl.maximum(t + zero[:, None], 0.0), maxq)
+            u = tl.math.div_rn(x[None, :], scale[:, None])
+            u = (u + 12582912.0) - 12582912.0
+            q = tl.minimum(tl.maximum(u + zero[:, None], 0.0), maxq)
             e = tl.abs(scale[:, None] * (q - zero[:, None]) - x[None, :])
             if POWF:
                 e = libdevice.pow(e, norm)  # CUDA's powf, as PyTorch's pow
