@@ -52,25 +52,32 @@ class ExportError(ValueError):
     """What cannot be written as a GPTQ checkpoint (bits, shapes, zero points, online transforms, target dir)."""
 
 
+_PACK_COLUMNS = 1024  # columns packed at a time
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes [K, N] along dim 0 into int32 [K * bits / 32, N] (K a multiple of 32)."""
+    """Pack unsigned codes [K, N] along dim 0 into int32 [K * bits / 32, N] (K a multiple of 32), on the codes'
+    device (a solve's codes are packed on the GPU: bits/8 bytes per weight cross to the host, not 4)."""
     if bits not in EXPORT_BITS:
         raise ExportError(f"export supports bits {EXPORT_BITS}, got {bits}")
     K, N = codes.shape
     if K % PACK:
         raise ExportError(f"cannot pack {K} rows: the packed dimension must be a multiple of {PACK}")
-    c = codes.to(torch.int64).reshape(K // PACK, PACK, N)
-    if c.min() < 0 or c.max() >= 2**bits:
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
         raise ExportError(f"codes must lie in [0, {2**bits - 1}]")
-    words = torch.zeros(K // PACK, bits, N, dtype=torch.int64)
-    for k in range(PACK):
-        offset = k * bits
-        word, shift = divmod(offset, 32)
-        words[:, word] |= (c[:, k] << shift) & 0xFFFFFFFF
-        if shift + bits > 32:  # the code straddles two words (3 bits only)
-            words[:, word + 1] |= c[:, k] >> (32 - shift)
-    words = words.reshape(K // PACK * bits, N)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    out = torch.empty(K // PACK * bits, N, dtype=torch.int32, device=codes.device)
+    for n1 in range(0, N, _PACK_COLUMNS):  # column chunks bound the int64 temporaries
+        n2 = min(n1 + _PACK_COLUMNS, N)
+        c = codes[:, n1:n2].to(torch.int64).reshape(K // PACK, PACK, n2 - n1)
+        words = torch.zeros(K // PACK, bits, n2 - n1, dtype=torch.int64, device=codes.device)
+        for k in range(PACK):
+            word, shift = divmod(k * bits, 32)
+            words[:, word] |= (c[:, k] << shift) & 0xFFFFFFFF
+            if shift + bits > 32:  # the code straddles two words (3 bits only)
+                words[:, word + 1] |= c[:, k] >> (32 - shift)
+        words = words.reshape(K // PACK * bits, n2 - n1)
+        out[:, n1:n2] = torch.where(words >= 2**31, words - 2**32, words)
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -113,12 +120,12 @@ def pack_linear(result: QuantResult, bias: torch.Tensor | None, checkpoint_forma
     `dtype`."""
     dtype = _torch_dtype(dtype)
     check_exportable(name, result, checkpoint_format)
-    zeros = result.zeros.round().to(torch.int64).cpu()
+    zeros = result.zeros.round().to(torch.int64)
     if checkpoint_format == "gptq":
         zeros = zeros - 1
     tensors = {
-        "qweight": pack_codes(result.codes.cpu().t().contiguous(), result.bits),
-        "qzeros": pack_codes(zeros.contiguous(), result.bits).t().contiguous(),
+        "qweight": pack_codes(result.codes.t().contiguous(), result.bits).cpu(),
+        "qzeros": pack_codes(zeros.contiguous(), result.bits).cpu().t().contiguous(),
         "scales": result.scales.cpu().t().contiguous().to(dtype),
         "g_idx": result.g_idx.cpu().to(torch.int32).contiguous(),
     }
