@@ -295,15 +295,19 @@ def quantize_blocks(
                                            fp_inputs)
                 t1 = _now(device)
                 times["capture_s"] += t1 - t0
-                mine = {name: _solve_linear(block, name, stats.get(name), cfg, i, desc, on_quantized is not None)
-                        for j, name in enumerate(group) if distributed.owner(j) == distributed.rank()}
+                keep = on_quantized is not None
+                single = distributed.world_size() == 1
+                mine = {}
+                for j, name in enumerate(group):
+                    if distributed.owner(j) == distributed.rank():
+                        mine[name] = _solve_linear(block, name, stats.get(name), cfg, i, desc, keep)
+                        if keep and single:  # handed over at once: one linear's result alive at a time
+                            mine[name] = _hand_over(i, name, *mine[name], on_quantized, resume, block_results)
                 del stats
                 for name, (rec, res) in _share_solved(block, group, mine).items():
                     block_records.append(rec)
-                    if on_quantized is not None:
-                        on_quantized(i, name, res)
-                        if resume is not None:
-                            block_results[name] = res
+                    if keep and not single:
+                        _hand_over(i, name, rec, res, on_quantized, resume, block_results)
                 times["solve_s"] += _now(device) - t1
             t0 = _now(device)
             with torch.no_grad():  # the quantized stream through this stage (the FP stream advanced during capture)
@@ -327,6 +331,15 @@ def quantize_blocks(
         if distributed.is_main():
             log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
     return records
+
+
+def _hand_over(i: int, name: str, rec: dict, res: solver.QuantResult, on_quantized: Callable, resume,
+               block_results: dict) -> tuple[dict, None]:
+    """Pass a solved linear's result to on_quantized (and keep a host copy for --resume's replay); (rec, None)."""
+    on_quantized(i, name, res)
+    if resume is not None:
+        block_results[name] = _result_to_cpu(res)
+    return rec, None
 
 
 def _solve_linear(block: nn.Module, name: str, acc: HessianAccumulator | None, cfg: SolverConfig, i: int, desc: str,
