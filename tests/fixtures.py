@@ -4,13 +4,30 @@
 `make_tiny_causal_lm(arch, dir)` builds a random Llama / Qwen2 / Qwen3 / Mistral with small dims,
 saves it with `save_pretrained` (plus the tokenizer) and returns the directory.
 `write_text(path, n_words)` writes deterministic pseudo-English text.
+`run_in_triton_interpreter(code)` runs a Python snippet with TRITON_INTERPRET=1 (Triton kernels on CPU tensors).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def run_in_triton_interpreter(code: str, timeout: int = 300) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (the repository on the path); it must print OK."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
 
 WORDS = ("the a model layer weight quantized rotation hessian error column token sequence input output "
          "matrix grid scale zero block group order update cholesky inverse calibration language small large "

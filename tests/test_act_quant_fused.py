@@ -2,23 +2,12 @@
 Triton's CPU interpreter; and linears reading the same tensor share one quantized input (act_quant._quantize_shared)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures import HAVE_TRITON, run_in_triton_interpreter
 
 from common.quant.act_quant import ActQuantizer, ActQuantLinear
-
-ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
 
 FUSED_VS_TORCH = r"""
 import torch
@@ -45,10 +34,7 @@ print("OK")
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
 def test_fused_quantizer_matches_pytorch_bit_for_bit_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", FUSED_VS_TORCH], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+    run_in_triton_interpreter(FUSED_VS_TORCH)
 
 
 def test_linears_reading_one_tensor_share_its_quantized_copy():

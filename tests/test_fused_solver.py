@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import run_in_triton_interpreter
 from test_solvers import make_problem
 
 from common.solver import SolverConfig, SolverError, gptaq, gptaq_quantize, gptq_quantize, resolve_backend
@@ -187,7 +188,4 @@ print("OK")
 def test_walk_offset_and_steps_in_interpreter():
     """The walk offset (GPTAQ's M form: c = (C1 + C2) s on strided views) and the integer-step output, in the Triton
     kernel against the PyTorch walk, and the PyTorch walk against walking W + c triu(U) without an offset."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", WALK_WITH_OFFSET], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+    run_in_triton_interpreter(WALK_WITH_OFFSET)

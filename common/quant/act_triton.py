@@ -38,22 +38,27 @@ def available(x: torch.Tensor, columns: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _fake_quant_rows(X, Y, rows, cols, clip, maxq, half, inv_div, SYM: tl.constexpr, RECIP: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        rmask = r < rows
-        mask = rmask[:, None] & (c[None, :] < cols)
-        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        xmin = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0) * clip
-        xmax = tl.maximum(tl.max(tl.where(mask, x, -float("inf")), axis=1), 0.0) * clip
+    def grid_params(xmin, xmax, maxq, half, inv_div, SYM: tl.constexpr, GPTQ_SYM: tl.constexpr,
+                    RECIP: tl.constexpr):
+        """(scale, zero) of ranges [xmin, xmax] containing 0, as `common.quant.weight_grid.sym_grid_params` computes
+        them (GPTQ_SYM: its "gptq" symmetric grid; inv_div = float32(1 / divisor) for RECIP, i.e. CUDA)."""
         if SYM:
-            amax = tl.maximum(tl.maximum(tl.abs(xmin), xmax), 1e-5)
-            if RECIP:
-                scale = amax * inv_div
+            if GPTQ_SYM:  # [lo, amax], lo = -amax where xmin < 0 (else xmin); an all-zero range is [-1, 1]
+                amax = tl.maximum(tl.abs(xmin), xmax)
+                lo = tl.where(xmin < 0.0, -amax, xmin)
+                dead = amax == 0.0
+                lo = tl.where(dead, -1.0, lo)
+                hi = tl.where(dead, 1.0, amax)
+                if RECIP:
+                    scale = (hi - lo) * inv_div
+                else:
+                    scale = tl.math.div_rn(hi - lo, maxq)
             else:
-                scale = tl.math.div_rn(amax, half - 1.0)
+                amax = tl.maximum(tl.maximum(tl.abs(xmin), xmax), 1e-5)
+                if RECIP:
+                    scale = amax * inv_div
+                else:
+                    scale = tl.math.div_rn(amax, half - 1.0)
             zero = tl.zeros_like(scale) + half
         else:
             dead = (xmin == 0.0) & (xmax == 0.0)
@@ -65,6 +70,20 @@ if triton is not None:
                 scale = tl.math.div_rn(xmax - xmin, maxq)
             t = tl.math.div_rn(-xmin, scale)
             zero = (t + 12582912.0) - 12582912.0  # round half to even (|t| < 2^22)
+        return scale, zero
+
+    @triton.jit
+    def _fake_quant_rows(X, Y, rows, cols, clip, maxq, half, inv_div, SYM: tl.constexpr, RECIP: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        rmask = r < rows
+        mask = rmask[:, None] & (c[None, :] < cols)
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        xmin = tl.minimum(tl.min(tl.where(mask, x, float("inf")), axis=1), 0.0) * clip
+        xmax = tl.maximum(tl.max(tl.where(mask, x, -float("inf")), axis=1), 0.0) * clip
+        scale, zero = grid_params(xmin, xmax, maxq, half, inv_div, SYM, False, RECIP)
         t = tl.math.div_rn(x, scale[:, None])
         t = (t + 12582912.0) - 12582912.0  # |x / s| <= maxq / clip: far below 2^22
         q = tl.minimum(tl.maximum(t + zero[:, None], 0.0), maxq)

@@ -20,13 +20,14 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from common.quant.act_triton import grid_params
 except ImportError:  # CPU-only installs: fit_grid keeps its PyTorch loop
     triton = None
 
 __all__ = ["available", "mse_search"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_ROUND = 12582912.0  # 1.5 * 2^23: (t + R) - R rounds |t| < 2^22 half to even
 
 
 def available(x: torch.Tensor) -> bool:
@@ -47,34 +48,7 @@ if triton is not None:
         p = tl.load(PS + i, mask=pmask, other=1.0)
         xmin = tl.load(XMIN + r) * p  # [BLOCK_P]: the candidate ranges
         xmax = tl.load(XMAX + r) * p
-        if SYM:
-            if GPTQ_SYM:  # [lo, amax], lo = -amax where xmin < 0 (else xmin); an all-zero range is [-1, 1]
-                amax = tl.maximum(tl.abs(xmin), xmax)
-                lo = tl.where(xmin < 0.0, -amax, xmin)
-                dead = amax == 0.0
-                lo = tl.where(dead, -1.0, lo)
-                hi = tl.where(dead, 1.0, amax)
-                if RECIP:
-                    scale = (hi - lo) * inv_div
-                else:
-                    scale = tl.math.div_rn(hi - lo, maxq)
-            else:
-                amax = tl.maximum(tl.maximum(tl.abs(xmin), xmax), 1e-5)
-                if RECIP:
-                    scale = amax * inv_div
-                else:
-                    scale = tl.math.div_rn(amax, half - 1.0)
-            zero = tl.zeros_like(scale) + half
-        else:
-            dead = (xmin == 0.0) & (xmax == 0.0)
-            xmin = tl.where(dead, -1.0, xmin)
-            xmax = tl.where(dead, 1.0, xmax)
-            if RECIP:
-                scale = (xmax - xmin) * inv_div
-            else:
-                scale = tl.math.div_rn(xmax - xmin, maxq)
-            t = tl.math.div_rn(-xmin, scale)
-            zero = (t + 12582912.0) - 12582912.0
+        scale, zero = grid_params(xmin, xmax, maxq, half, inv_div, SYM, GPTQ_SYM, RECIP)
         err = tl.zeros([BLOCK_P], dtype=tl.float32)
         c = tl.arange(0, BLOCK_C)
         for c1 in range(0, cols, BLOCK_C):
