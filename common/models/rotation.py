@@ -243,19 +243,17 @@ def rotate_model(model: nn.Module, R1: torch.Tensor, R2: torch.Tensor | list[tor
     """
     R1, R2s = check_rotations(model, R1, R2)
     rotate_embeddings(model, R1)
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda":
-        dev = None
-    if dev is not None:
-        R1, R2s = R1.to(dev), [None if r is None else r.to(dev) for r in R2s]
+    gpu = device is not None and torch.device(device).type == "cuda"
+    if gpu:
+        R1, R2s = R1.to(device), [None if r is None else r.to(device) for r in R2s]
     for i, layer in enumerate(tqdm(_layers(model), desc="rotate", disable=not progress)):
         home = next(layer.parameters()).device
-        if dev is not None and home != dev:
-            layer.to(dev)
-            rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
+        moved = gpu and home != torch.device(device)
+        if moved:
+            layer.to(device)
+        rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
+        if moved:
             layer.to(home)
-        else:
-            rotate_layer(layer, R1, R2s[i], online_r4=online_r4, fp32_had=fp32_had)
     setattr(model.config, CONFIG_KEY, rotation_record(mode, seed, online_r4, fp32_had))
 
 

@@ -8,6 +8,8 @@ into an FMA; a division by the Python numbers maxq (asymmetric) or 2^(b-1) - 1 (
 kernels do it, a product with the float32 reciprocal (RECIP; PyTorch on CPU divides), so the output equals the
 PyTorch quantizer's on the same device bit for bit (tests/test_act_quant_fused.py checks it under
 TRITON_INTERPRET=1; bench/profile_e2e.py on the GPU).  The row is read once and written once.
+`grid_params` (the grid of a range, in that arithmetic) is shared with the weight grid's MSE search
+(common.quant.mse_triton).
 """
 from __future__ import annotations
 
