@@ -13,7 +13,8 @@ background writer) (common.pipeline.streaming); setup (embedding / lm_head, the 
 "other" = the rest of the wall time (unaccounted); evaluation; peak GPU memory of the
 quantization and of the evaluation next to the estimate "one decoder layer (two for GPTAQ) + the input stream(s) +
 the largest H (and dXXT)"; peak host RSS (VmHWM).  With --layers N < 32 an N-layer model of the same shapes is used
-and the per-layer phases are also extrapolated to 32 layers (keys marked "extrapolated_32").
+and the per-layer phases are also extrapolated to 32 layers (keys marked "extrapolated_32"; its "quantize_s" is the
+measured run plus the missing layers at the median of the layers after the first, which carries compilation).
 
     python bench/e2e_llm.py --methods gptaq gptq --json bench/results/e2e_llama7b.json     # one GPU
     python bench/e2e_llm.py --smoke                                                          # CPU, tiny shapes
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -184,6 +186,11 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
         scale = FULL_LAYERS / config.num_hidden_layers
         row["extrapolated_32"] = {k: round(v * scale, 1) for k, v in phases.items() if k != "setup_s"}
         row["extrapolated_32"]["per_layer_quantize_s"] = round(quantize_s / config.num_hidden_layers, 2)
+        if config.num_hidden_layers > 1:  # the measured run plus the missing layers at the steady layers' median
+            steady = statistics.median(sum(b.get(k, 0.0) for k in PHASES) for b in block_times[1:])
+            row["extrapolated_32"]["steady_layer_s"] = round(steady, 2)
+            row["extrapolated_32"]["quantize_s"] = round(quantize_s + (FULL_LAYERS - config.num_hidden_layers)
+                                                         * steady, 1)
     return row
 
 
