@@ -295,3 +295,45 @@ def test_shard_reader_matches_safetensors(tmp_path):
             assert got[k].dtype == want.dtype and got[k].shape == want.shape and torch.equal(got[k], want), k
     save_file({"h": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "y.safetensors"))
     assert streaming._read_shard(str(tmp_path / "y.safetensors"), ["h"]) is None  # left to safetensors
+
+
+def test_checkpoint_writer_keeps_two_shards_in_flight_and_raises_a_failed_one(tmp_path, monkeypatch):
+    """write returns while the previous shard is still being written (IN_FLIGHT = 2: a layer's model and grid shards
+    overlap the next layer), files are written in order with their index, a failed shard's error is raised by a
+    later call, and abort leaves nothing behind."""
+    import threading
+
+    save = streaming._save_shard
+    release, started = threading.Event(), []
+
+    def held(tensors, ready, path):
+        started.append(os.path.basename(path))
+        if len(started) == 1:
+            assert release.wait(30)
+        save(tensors, ready, path)
+
+    monkeypatch.setattr(streaming, "_save_shard", held)
+    w = streaming.CheckpointWriter(str(tmp_path / "out"), {"model": 2, "grids": 1})
+    w.write({"a": torch.ones(2)})
+    w.write({"g": torch.zeros(3)}, "grids")  # returns although the first shard is still held
+    assert not release.is_set() and len(w._pending) == 2
+    release.set()
+    w.write({"b": torch.full((2,), 2.0)})  # waits for the oldest only
+    path = w.publish()
+    assert started == ["model-00001-of-00002.safetensors", "grids-00001-of-00001.safetensors",
+                       "model-00002-of-00002.safetensors"]
+    index = json.loads(Path(path, "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    assert torch.equal(load_file(os.path.join(path, "grids-00001-of-00001.safetensors"))["g"], torch.zeros(3))
+
+    def broken(tensors, ready, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(streaming, "_save_shard", broken)
+    w = streaming.CheckpointWriter(str(tmp_path / "out2"), {"model": 3})
+    w.write({"a": torch.ones(1)})
+    w.write({"b": torch.ones(1)})
+    with pytest.raises(OSError, match="disk full"):
+        w.write({"c": torch.ones(1)})  # the oldest shard's error, raised when waiting for it
+    w.abort()
+    assert not (tmp_path / "out2").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]

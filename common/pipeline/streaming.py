@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -156,12 +157,15 @@ class CheckpointWriter:
     quantized model) or `publish` (any other files) adds the indexes and renames it into place, `abort` deletes it.
 
     `write` takes its own copies of the tensors (CUDA tensors: a device copy, moved to host memory by the
-    background thread on a side stream) and returns; the file is written by that background thread (one shard in
-    flight: the next `write`, `publish` and `abort` wait for it, and raise its error), so the host copy and the
-    disk write overlap the caller's next layer.
+    background thread on a side stream) and returns; the files are written by that background thread in order,
+    IN_FLIGHT shards at most (a `write` beyond them waits for the oldest; `publish` and `abort` wait for all; a
+    failed shard's error is raised there), so the host copies and the disk writes overlap the caller's next layer
+    (a layer's model shard and its grid shard are both in flight while the next layer runs).
 
     nshards: {family: its number of shards}; a family's shards are `<family>-0000k-of-0000n.safetensors`, listed by
     `<family>.safetensors.index.json` (family "model": the transformers checkpoint).  check(path) refuses a target."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, path: str, nshards: int | dict[str, int], check: Callable[[str], None] = llm.check_save_target):
         self.path = os.path.abspath(os.path.expanduser(path))
@@ -172,7 +176,7 @@ class CheckpointWriter:
         self.weight_map = {f: {} for f in self.nshards}
         self.total_size = dict.fromkeys(self.nshards, 0)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._pending: Future | None = None
+        self._pending: deque[Future] = deque()
 
     def write(self, tensors: dict[str, torch.Tensor], family: str = "model") -> None:
         k, n = len(set(self.weight_map[family].values())) + 1, self.nshards[family]
@@ -185,17 +189,17 @@ class CheckpointWriter:
         if any(t.is_cuda for t in tensors.values()):
             ready = torch.cuda.Event()
             ready.record()  # the copies' values are queued before this point of the caller's stream
-        self._wait()
-        self._pending = self._pool.submit(_save_shard, tensors, ready, os.path.join(self.tmp, name))
+        self._wait(keep=self.IN_FLIGHT - 1)
+        self._pending.append(self._pool.submit(_save_shard, tensors, ready, os.path.join(self.tmp, name)))
         for t_name, t in tensors.items():
             self.weight_map[family][t_name] = name
             self.total_size[family] += t.numel() * t.element_size()
         del tensors
 
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+    def _wait(self, keep: int = 0) -> None:
+        """Wait for the oldest shards until at most `keep` are in flight (raising a failed one's error)."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def publish(self, write_files: Callable[[str], None] | None = None) -> str:
         """Write the index of every family that has shards, then `write_files(tmp)`, and rename into place."""
@@ -224,10 +228,11 @@ class CheckpointWriter:
         return self.publish(write_files)
 
     def abort(self) -> None:
-        try:
-            self._wait()
-        except Exception:  # noqa: BLE001 - the shard is being discarded anyway
-            pass
+        while self._pending:
+            try:
+                self._wait(keep=len(self._pending) - 1)
+            except Exception:  # noqa: BLE001 - the shards are being discarded anyway
+                pass
         self._pool.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
