@@ -11,6 +11,7 @@ chosen i where two candidates' errors agree to float32 rounding (bench/profile_e
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -71,14 +72,20 @@ if triton is not None:
         tl.store(ZERO + r, tl.sum(tl.where(i == first, zero, 0.0), axis=0))
 
 
+@functools.lru_cache(maxsize=None)
+def _shrinks(steps: int, count: int, device: torch.device) -> torch.Tensor:
+    """The candidates p = 1 - i / steps, i < count, as PyTorch's `p * tensor` rounds a Python float (float32), on
+    `device`: made once, not per call (a group-wise solve calls the search once per group)."""
+    return torch.tensor([np.float32(1.0 - i / steps) for i in range(count)], dtype=torch.float32, device=device)
+
+
 def mse_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, sym_grid: str,
                steps: int, maxshrink_steps: int, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) [rows, 1] of the least-error candidate grid per row of x (float32 [rows, cols]); xmin / xmax
     [rows, 1] the row ranges (containing 0).  Candidates p = 1 - i / steps, i < maxshrink_steps.  Call only where
     `available(x)`."""
     rows, cols = x.shape
-    ps = torch.tensor([np.float32(1.0 - i / steps) for i in range(maxshrink_steps)], dtype=torch.float32,
-                      device=x.device)  # the Python float p as PyTorch's `p * tensor` rounds it
+    ps = _shrinks(steps, maxshrink_steps, x.device)
     gptq_sym = sym and sym_grid == "gptq"
     divisor = 2**bits - 1 if (not sym or gptq_sym) else 2 ** (bits - 1) - 1
     inv_div = float(np.float32(1.0) / np.float32(divisor))
