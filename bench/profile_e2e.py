@@ -12,7 +12,10 @@ Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
   layer      one layer's pieces of the streamed pipeline: read from safetensors, to the GPU, rotate, quantizers,
              deep copy, write back; forwards per batch (whole layer, up to each group's inputs)
   capture    quantize_blocks' phases on that layer (16 batches) with and without stage-wise capture
-  agreement  equal weight entries after quantizing the layer with this code's statistics and with float64 sums
+  agreement  per linear, isolated (same weights and streams): equal quantized entries when solved from this code's
+             statistics, from the accumulation of the issue's "today" and from float64 sums (the noise floor)
+  kernels    torch.profiler over one layer forward (activation quantizers on) and over quantize_blocks on the layer
+             (GPTQ and GPTAQ, 16 batches): device time by kernel against wall time (what the GPU waits for)
   solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone: PyTorch loop and fused kernel
              (common.quant.mse_triton), and how many grids the two choose differently
 
@@ -45,7 +48,7 @@ DEV = torch.device("cuda")
 SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CPU, tiny
 
 
-SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "agreement", "solve"]
+SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "kernels", "agreement", "solve"]
 
 
 def _sync() -> None:
@@ -291,39 +294,126 @@ def capture(layer, inputs, wcfg) -> dict:
     return out
 
 
-def agreement(layer, inputs, wcfg) -> dict:
-    """The only change here that is not exact is how H / dXXT are summed (float32 GEMM accumulation, dXXT by
-    difference): quantize the layer with the statistics of this code and with float64 sums of float32 products
-    (the earlier path), and count equal weight entries per linear."""
+def _profiled(fn) -> dict:
+    """fn() under torch.profiler: wall seconds, the ops' summed self device time (on CUDA: all kernel time; the rest of
+    the wall time the GPU waited), the top 25 ops by it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    _sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        wall = time.perf_counter() - t0
+    key = "self_device_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
+    ev = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    return {"wall_s": wall, "self_time_s": sum(getattr(e, key, 0.0) for e in ev) / 1e6,
+            "top": [{"op": e.key[:90], "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3} for e in ev[:25]]}
+
+
+def kernels(layer, inputs, wcfg) -> dict:
+    """Where the device time goes in one layer forward and in quantize_blocks on the layer (profiled)."""
+    from dataclasses import replace
+
     from common.pipeline.driver import quantize_blocks
 
     out = {}
+    set_act_quant(layer, True)
+    with torch.no_grad():
+        for x in inputs.inputs[:2]:
+            inputs.run_layer(layer, x)  # warm-up
+        out["forward_acts_on_x4"] = _profiled(lambda: [inputs.run_layer(layer, x) for x in inputs.inputs[:4]])
     for method in ("gptq", "gptaq"):
-        weights = []
-        for gemm in (True, False):
-            blk = copy.deepcopy(layer)
-            original = HessianAccumulator.__init__
+        blk = copy.deepcopy(layer)
+        out[f"quantize_blocks_{method}"] = _profiled(lambda: quantize_blocks(
+            [blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups, replace(wcfg, method=method),
+            device=DEV, desc="kernels", stages=inputs.stages))
+        del blk
+    return out
 
-            def init(self, *a, _gemm=gemm, **k):
-                original(self, *a, **k)
-                if not _gemm:  # float64 sums, each batch's float32 product added (the path before this change)
-                    self._gemm = False
-                    self._S = self._S.double()
-                    self._D = None if self._D is None else self._D.double()
 
-            HessianAccumulator.__init__ = init
-            try:
-                quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
-                                dataclasses.replace(wcfg, method=method), device=DEV, desc="agree",
-                                stages=inputs.stages)
-            finally:
-                HessianAccumulator.__init__ = original
-            weights.append({n: driver._weight_module(blk.get_submodule(n)).weight.detach().clone()
-                            for g in llm.sublayer_groups(blk) for n in g})
-            del blk
-        out[method] = {n: float((w == weights[1][n]).float().mean()) for n, w in weights[0].items()}
-        out[method]["all"] = float(sum(int((w == weights[1][n]).sum()) for n, w in weights[0].items())
-                                   / sum(w.numel() for w in weights[0].values()))
+class _Twin:
+    """Sums of the same batches kept another way: "old" = the accumulation when issue 18 was filed (`_old_add`:
+    TF32 products of float32 copies, float64 sums), "exact" = float64 products and sums (the float64 truth)."""
+
+    def __init__(self, columns: int, asymmetric: bool, kind: str):
+        self.kind, self.nsamples = kind, 0
+        self.S = torch.zeros(columns, columns, device=DEV, dtype=torch.float64)
+        self.D = torch.zeros_like(self.S) if asymmetric else None
+
+    def add(self, xt: torch.Tensor, x: torch.Tensor | None) -> None:
+        xt2, x2 = xt.reshape(-1, xt.shape[-1]), None if x is None else x.reshape(-1, x.shape[-1])
+        if self.kind == "old":
+            _old_add(self.S, self.D, xt2, x2)
+        else:
+            X = xt2.double()
+            self.S.add_(X.t() @ X)
+            if self.D is not None:
+                self.D.add_((x2.double() - X).t() @ X)
+        self.nsamples += xt2.shape[0]
+
+    def clone(self) -> "_Twin":
+        c = copy.copy(self)
+        c.S, c.D = self.S.clone(), None if self.D is None else self.D.clone()
+        return c
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scale = 2.0 / self.nsamples
+        return (self.S * scale).float(), None if self.D is None else (self.D * scale).float()
+
+
+def agreement(layer, inputs, wcfg) -> dict:
+    """The only change here that is not exact is how H / dXXT are summed (float32 GEMM accumulation, dXXT by
+    difference).  Per linear, isolated: every accumulator of the run has two twins (`_Twin`: the accumulation of
+    the issue's "today" and the float64 truth) that sum the same batches; each linear is solved from all three on
+    the same weights and streams, and the fractions of equal quantized entries are counted per pair (the run goes
+    on with this code's weights).  old_vs_exact is the float32 noise floor of the comparison."""
+    from common import solver
+    from common.pipeline.driver import quantize_blocks
+
+    init, add, clone, solve_linear = (HessianAccumulator.__init__, HessianAccumulator.add, HessianAccumulator.clone,
+                                      driver._solve_linear)
+    pairs = ("new_vs_old", "old_vs_exact", "new_vs_exact")
+    equal: dict[str, dict[str, int]] = {}
+
+    def twin_init(self, columns, device="cpu", asymmetric=False, *a, **k):
+        init(self, columns, device, asymmetric, *a, **k)
+        self.twins = {kind: _Twin(columns, asymmetric, kind) for kind in ("old", "exact")}
+
+    def twin_add(self, x_tilde, x=None):
+        add(self, x_tilde, x)
+        for t in self.twins.values():
+            t.add(x_tilde, x)
+
+    def twin_clone(self):
+        c = clone(self)
+        c.twins = {k: t.clone() for k, t in self.twins.items()}
+        return c
+
+    def compared(block, name, acc, cfg, i, desc, keep):
+        W = driver._weight_module(block.get_submodule(name)).weight.data
+        q = {k: solver.quantize_linear(W.float(), *t.stats(), cfg).weight.to(W.dtype) for k, t in acc.twins.items()}
+        out = solve_linear(block, name, acc, cfg, i, desc, keep)
+        q["new"] = W
+        equal[name] = {p: int((q[p.split("_vs_")[0]] == q[p.split("_vs_")[1]]).sum()) for p in pairs}
+        equal[name]["n"] = W.numel()
+        return out
+
+    HessianAccumulator.__init__, HessianAccumulator.add, HessianAccumulator.clone = twin_init, twin_add, twin_clone
+    driver._solve_linear = compared
+    out = {}
+    try:
+        for method in ("gptq", "gptaq"):
+            equal.clear()
+            quantize_blocks([copy.deepcopy(layer)], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                            dataclasses.replace(wcfg, method=method), device=DEV, desc="agree", stages=inputs.stages)
+            out[method] = {n: {p: e[p] / e["n"] for p in pairs} for n, e in equal.items()}
+            total = sum(e["n"] for e in equal.values())
+            out[method]["all"] = {p: sum(e[p] for e in equal.values()) / total for p in pairs}
+    finally:
+        HessianAccumulator.__init__, HessianAccumulator.add, HessianAccumulator.clone = init, add, clone
+        driver._solve_linear = solve_linear
     return out
 
 
@@ -376,10 +466,10 @@ def main() -> None:
             t0 = time.perf_counter()
             res[name] = fn()
             print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
-    if {"layer", "capture", "agreement", "solve"} & set(a.sections):
+    if {"layer", "capture", "kernels", "agreement", "solve"} & set(a.sections):
         res["layer"], state = layer_pieces(a.tmp)
         print("layer", json.dumps(res["layer"], indent=1), flush=True)
-        for name, fn in (("capture", capture), ("agreement", agreement), ("solve", solve)):
+        for name, fn in (("capture", capture), ("kernels", kernels), ("agreement", agreement), ("solve", solve)):
             if name in a.sections:
                 res[name] = fn(*state)
                 print(name, json.dumps(res[name], indent=1), flush=True)

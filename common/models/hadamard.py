@@ -153,7 +153,7 @@ def is_exact_hadamard(n: int) -> bool:
     return _factors(n)[2]
 
 
-_DEVICE_CACHE: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}  # dense factors (n, ...) and Sylvester matrices (-p2, ...)
 
 
 def _dense_factor(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -191,9 +191,27 @@ def _fwht(x: torch.Tensor, p2: int, tail: int) -> torch.Tensor:
     return x
 
 
+# H_{p2} up to this size is applied as one matrix product with the +-1 Sylvester matrix (2 p2 flops per entry on
+# tensor cores, one pass over memory, products summed in float32 and rounded once, as the CUDA kernel of QuaRot's
+# code does); larger powers of two by log2(p2) butterfly stages (in x's dtype, rounded at every stage)
+SYLVESTER_MATMUL_MAX = 512
+
+
+def _sylvester(p2: int, entry: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The Sylvester matrix of order p2 (symmetric, entries +-entry) on device, cached."""
+    key = (-p2, entry, device, dtype)
+    if key not in _DEVICE_CACHE:
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < p2:
+            H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+        _DEVICE_CACHE[key] = (H * entry).to(device=device, dtype=dtype)
+    return _DEVICE_CACHE[key]
+
+
 def hadamard_transform(x: torch.Tensor, scale: bool = True) -> torch.Tensor:
     """x @ H_n^T over the last dimension (n = x.shape[-1]), in x's dtype; scale=False multiplies by sqrt(n)
-    (the +-1 matrix where H_n is exact).  O(n log n) butterflies for the power-of-two part."""
+    (the +-1 matrix where H_n is exact).  The power-of-two part as one matrix product up to SYLVESTER_MATMUL_MAX,
+    O(n log n) butterflies beyond."""
     n = x.shape[-1]
     p2, _, _ = _factors(n)
     D = _dense_factor(n, x.device, x.dtype)
@@ -202,12 +220,21 @@ def hadamard_transform(x: torch.Tensor, scale: bool = True) -> torch.Tensor:
     y = x.reshape(-1, p2, m)
     if D is not None:
         y = y @ D.T  # H_{p2} (x) D acts as  X -> H_{p2} X D^T  on X = x.view(p2, m')
+    factor = 1.0 / math.sqrt(p2) if scale else math.sqrt(m)
     if _fht_cuda is not None and y.is_cuda and y.dtype in _FHT_DTYPES and p2 > 1:
         y = _fht_cuda(y.transpose(1, 2).contiguous(), 1.0).transpose(1, 2).reshape(-1, n)
+    elif 1 < p2 <= SYLVESTER_MATMUL_MAX:
+        # entries +-2^-k (exact in every float dtype; k = floor(log2(p2) / 2) when scaling, so the sums stay of the
+        # size of the inputs), the remaining factor 1 or 1/sqrt(2) applied after
+        k = (p2.bit_length() - 1) // 2 if scale else 0
+        S = _sylvester(p2, 2.0 ** -k, y.device, y.dtype)
+        y = (y.reshape(-1, p2) @ S if m == 1 else S @ y).reshape(-1, n)
+        factor *= 2.0 ** k
     else:
         y = _fwht(y.reshape(-1, n), p2, m)
-    factor = 1.0 / math.sqrt(p2) if scale else math.sqrt(m)
-    return (y * factor).reshape(shape)
+    if factor != 1.0 or y.data_ptr() == x.data_ptr():  # never a view of x
+        y = y * factor
+    return y.reshape(shape)
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:

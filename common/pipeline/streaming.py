@@ -84,8 +84,9 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """{name: tensor} on the CPU, floating tensors cast to `dtype` (None: as stored)."""
+    def read(self, names: list[str], dtype: torch.dtype | None, pin: bool = False) -> dict[str, torch.Tensor]:
+        """{name: tensor} on the CPU, floating tensors cast to `dtype` (None: as stored); pin: read into page-locked
+        memory (CUDA's cached host allocator), so that the copy to the GPU is one DMA that no other host work slows."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise llm.LLMError(f"{self.directory}: the checkpoint has no tensor {missing[0]}"
@@ -96,7 +97,7 @@ class SafetensorsCheckpoint:
         out = {}
         for file, keys in by_file.items():
             path = os.path.join(self.directory, file)
-            tensors = _read_shard(path, keys)
+            tensors = _read_shard(path, keys, pin)
             if tensors is None:  # a dtype _read_shard does not know: safetensors' own reader
                 with _open_shard(path) as f:
                     tensors = {k: f.get_tensor(k) for k in keys}
@@ -110,11 +111,11 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_shard(path: str, keys: list[str]) -> dict[str, torch.Tensor] | None:
+def _read_shard(path: str, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor] | None:
     """The tensors `keys` of one safetensors file (8-byte little-endian header size, JSON header, then the bytes
     at each tensor's data_offsets), read with readinto straight into fresh tensors: private memory, one copy, and
     the GIL released while reading, so a background read does not stall the thread launching GPU work.
-    None if a tensor has a dtype not listed in _SAFETENSORS_DTYPES."""
+    None if a tensor has a dtype not listed in _SAFETENSORS_DTYPES.  pin: into page-locked memory."""
     with open(path, "rb", buffering=0) as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
@@ -125,7 +126,7 @@ def _read_shard(path: str, keys: list[str]) -> dict[str, torch.Tensor] | None:
             if dtype is None:
                 return None
             start, end = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=dtype)
+            t = torch.empty(info["shape"], dtype=dtype, pin_memory=pin)
             if t.numel() * t.element_size() != end - start:
                 raise llm.LLMError(f"{path}: tensor {k} has {end - start} bytes for shape {info['shape']}")
             if end > start:
@@ -238,7 +239,8 @@ class CheckpointWriter:
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None, path: str) -> None:
-    """(CheckpointWriter's background thread) tensors to host memory, CUDA ones on a side stream after `ready`,
+    """(CheckpointWriter's background thread) tensors to host memory, CUDA ones on a side stream after `ready`
+    into page-locked buffers (one DMA each, given back to CUDA's cached host allocator after the file is written),
     then one safetensors file."""
     from safetensors.torch import save_file
 
@@ -246,7 +248,9 @@ def _save_shard(tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None
         stream = torch.cuda.Stream(device=next(t.device for t in tensors.values() if t.is_cuda))
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            tensors = {n: t.to("cpu") for n, t in tensors.items()}  # synchronous: done before the copies are freed
+            # synchronous: done before the device copies are freed
+            tensors = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) if t.is_cuda else t
+                       for n, t in tensors.items()}
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -282,10 +286,11 @@ def load_module(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint, dty
 
 
 def _read_module(module: nn.Module, prefix: str, ckpt: SafetensorsCheckpoint,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """{parameter name in `module`: its tensor in `ckpt`} (CPU, `dtype`); touches no module state."""
+                 dtype: torch.dtype, pin: bool = False) -> dict[str, torch.Tensor]:
+    """{parameter name in `module`: its tensor in `ckpt`} (CPU, `dtype`, page-locked if `pin`); touches no module
+    state."""
     names = checkpoint_names(module, prefix)
-    tensors = ckpt.read(list(names.values()), dtype)
+    tensors = ckpt.read(list(names.values()), dtype, pin)
     return {n: tensors[k] for n, k in names.items()}
 
 
@@ -339,13 +344,15 @@ class LayerStream:
     """The decoder layers of a skeleton model, one at a time: iterating yields layer i read from `ckpt` (CPU) and
     passed through `prepare(i, layer)`; when the consumer asks for layer i + 1, `finish(i, layer)` runs and layer i
     is released.  For a consumer that is done with a layer when it asks for the next (`quantize_blocks`).
-    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more).
+    Layer i + 1's tensors are read by a background thread while layer i is in use (host memory: one layer more;
+    page-locked with `pin`, for a `prepare` that copies the layer to the GPU).
     `times[i]` = {"block", "read_s" (waiting for the read), "prepare_s", "write_s" (finish + release)}: wall
     seconds, CUDA synchronized."""
 
     def __init__(self, model: nn.Module, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
-                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None]):
-        self.layers, self.ckpt, self.dtype = llm.decoder_layers(model), ckpt, dtype
+                 prepare: Callable[[int, nn.Module], None], finish: Callable[[int, nn.Module], None],
+                 pin: bool = False):
+        self.layers, self.ckpt, self.dtype, self.pin = llm.decoder_layers(model), ckpt, dtype, pin
         self.prepare, self.finish = prepare, finish
         self.times: list[dict] = []
 
@@ -353,7 +360,7 @@ class LayerStream:
         return len(self.layers)
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
-        return _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype)
+        return _read_module(self.layers[i], f"{LAYERS_PREFIX}{i}.", self.ckpt, self.dtype, self.pin)
 
     def __iter__(self) -> Iterator[nn.Module]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
@@ -526,7 +533,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         if wcfg.needs_data:
             inputs = llm.capture_layer_inputs(model, calibration, device)
         setup["embed_s"] = _synced() - t0
-        stream = LayerStream(model, ckpt, dtype, prepare, finish)
+        stream = LayerStream(model, ckpt, dtype, prepare, finish, pin=device.type == "cuda")
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
                                   offload_inputs=offload_inputs, desc="layer", block_times=block_times,
