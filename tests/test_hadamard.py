@@ -93,3 +93,29 @@ def test_online_hadamard():
     assert torch.allclose(y.float(), hadamard_transform(x.float()).bfloat16().float())
     with pytest.raises(ValueError, match="size 96"):
         mod(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("n", [128, 512, 11008, 14336])  # power-of-two parts 128, 512, 32, 512
+def test_half_precision_product_path_is_closer_to_float64_than_butterflies(n, monkeypatch):
+    """Up to SYLVESTER_MATMUL_MAX the power-of-two part is one matrix product (float32 sums, one rounding); in float16
+    it is nearer the float64 transform than the butterflies, which round after every stage."""
+    from common.models import hadamard
+
+    x = torch.randn(16, n, generator=torch.Generator().manual_seed(n)) * 4
+    ref = hadamard_transform(x.double())
+    y = hadamard_transform(x.half())
+    monkeypatch.setattr(hadamard, "SYLVESTER_MATMUL_MAX", 1)
+    y_butterfly = hadamard_transform(x.half())
+    assert y.dtype == torch.float16
+    err = lambda a: float((a.double() - ref).norm() / ref.norm())  # noqa: E731
+    assert err(y) < 0.8 * err(y_butterfly)
+    assert err(y) < 6e-4
+
+
+def test_transform_never_returns_a_view_of_its_input():
+    for n in (1, 64, 96):  # no factor (n = 1), the product path, the product path with a dense factor
+        x = torch.randn(3, n)
+        y = hadamard_transform(x, scale=False)
+        assert y.data_ptr() != x.data_ptr()
+        assert torch.allclose(hadamard_transform(x, scale=False), x @ hadamard_matrix(n, torch.float32).T * n ** 0.5,
+                              atol=1e-4)

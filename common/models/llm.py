@@ -261,9 +261,16 @@ class LayerInputs:
 
     def stages(self, layer: nn.Module) -> BlockStages:
         """The layer's two residual halves for `common.pipeline.driver.quantize_blocks(stages=...)`:
-        [k, v, q] -> [o] in the attention half, [up, gate] -> [down] in the MLP half."""
+        [k, v, q] -> [o] in the attention half, [up, gate] -> [down] in the MLP half; each half's first group reads
+        the half's norm of its input (`stage_entry`)."""
         groups = sublayer_groups(layer)
-        return BlockStages([groups[:2], groups[2:]], self.run_stage)
+        return BlockStages([groups[:2], groups[2:]], self.run_stage, stage_entry)
+
+
+def stage_entry(layer: nn.Module, stage: int, x: torch.Tensor) -> torch.Tensor:
+    """What the first linears of a residual half are called with: input_layernorm(h) (q/k/v) or
+    post_attention_layernorm(h1) (up/gate), before their activation quantizers."""
+    return (layer.input_layernorm if stage == 0 else layer.post_attention_layernorm)(x)
 
 
 class _AttentionHalfDone(Exception):

@@ -24,7 +24,13 @@ class BlockStages:
 
     The driver then captures each group from its stage's input instead of from the block's input, and advances the
     streams stage by stage, so no group's capture re-runs the stages before it.  Exact: the stages compute what
-    the block computes, and the driver checks that on the first batch of every block (`_stages_agree`)."""
+    the block computes, and the driver checks that on the first batch of every block (`_stages_agree`).
+
+    entry(block, s, x), optional: the tensor that the linears of stage s's first group are called with (their
+    wrappers' input, e.g. the stage's norm of x), so that this group is captured without running the stage's
+    forward up to it; the driver checks it bit for bit against the hooked inputs on the first batch of every block
+    and otherwise runs the stage."""
 
     groups: list[list[list[str]]]
     run: Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
+    entry: Callable[[nn.Module, int, torch.Tensor], torch.Tensor] | None = None

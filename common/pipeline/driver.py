@@ -18,6 +18,7 @@ every block.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Callable, Sequence
@@ -122,7 +123,8 @@ def _record_fp_inputs(fp_block, names, xfp, run_block, device, stream_device, pi
 
 
 @torch.no_grad()
-def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None, fp_inputs=None):
+def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None, fp_inputs=None,
+                   entry=None):
     """H (and dXXT) of every linear in `names`, over all batches.
 
     Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
@@ -132,6 +134,9 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
     advance_fp(b, out): the full-precision block runs to its end and hands over its output for batch b (the FP
     stream's advance, which then needs no second pass of the unchanged FP block).
     fp_inputs: the FP inputs `_record_fp_inputs` recorded (used, and dropped, instead of running the FP block).
+    entry(blk, x): what the group's linears are called with (`BlockStages.entry`, checked by `_plan`): their inputs
+    are then formed from it directly instead of running the block up to them (the FP block too, unless it must run
+    to its end for advance_fp).
     """
     stats: dict[str, HessianAccumulator] = {}
     leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
@@ -162,23 +167,33 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
                 stats[name].add(*seen[name])
         seen.clear()
 
-    q_rec = _GroupRecorder(block, names, q_sink)
+    fp_entry = entry is not None and advance_fp is None
+    q_rec = _GroupRecorder(block, names, q_sink) if entry is None else None
     fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) \
-        if asymmetric and fp_inputs is None else None
+        if asymmetric and fp_inputs is None and not fp_entry else None
     try:
         for b in range(len(xq)):
             if fp_inputs is not None:
                 fp_seen.update((name, fp_inputs[b].pop(name)) for name in names)
+            elif asymmetric and fp_entry:
+                h = entry(fp_block, xfp[b].to(device, non_blocking=True))
+                for name in names:
+                    fp_sink(name, _linear_input(fp_block, name, h))
             elif asymmetric:
                 out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
                 if advance_fp is not None:
                     advance_fp(b, out)
-            q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
+            if entry is not None:
+                h = entry(block, xq[b].to(device, non_blocking=True))
+                for name in names:
+                    q_sink(name, _linear_input(block, name, h))
+            else:
+                q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
             accumulate()
     finally:
-        q_rec.remove()
-        if fp_rec is not None:
-            fp_rec.remove()
+        for rec in (q_rec, fp_rec):
+            if rec is not None:
+                rec.remove()
     if distributed.world_size() > 1:  # every linear its own sums, so that all ranks make the same all-reduces
         for name in names:
             if leader[name] != name:
@@ -291,8 +306,12 @@ def quantize_blocks(
                     stats = routed.capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric,
                                                  advance_fp)
                 else:
+                    entry = None
+                    if gi == 0 and plan.entry is not None:
+                        def entry(blk, x, si=si):
+                            return plan.entry(blk, si, x)
                     stats = _capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, advance_fp,
-                                           fp_inputs)
+                                           fp_inputs, entry)
                 t1 = _now(device)
                 times["capture_s"] += t1 - t0
                 keep = on_quantized is not None
@@ -373,9 +392,13 @@ def _plan(block: nn.Module, groups: list[list[str]], stages: Callable[[nn.Module
         return whole
     if [g for stage in plan.groups for g in stage] != groups:
         raise ValueError(f"stages hold the groups {plan.groups}, expected {groups} in that order")
-    if not _stages_agree(block, plan, run_block, x0.to(device, non_blocking=True)):
+    x0 = x0.to(device, non_blocking=True)
+    if not _stages_agree(block, plan, run_block, x0):
         log.warning("the block's stages do not reproduce its forward bit for bit; capturing from the block input")
         return whole
+    if plan.entry is not None and not _entries_agree(block, plan, x0):
+        log.info("the stages' entry does not give their first linears' inputs bit for bit; running the stages")
+        return dataclasses.replace(plan, entry=None)
     return plan
 
 
@@ -385,6 +408,33 @@ def _stages_agree(block: nn.Module, plan: BlockStages, run_block: Callable, x: t
     for s in range(len(plan.groups)):
         x = plan.run(block, s, x)
     return want.shape == x.shape and bool(torch.equal(want, x))
+
+
+def _linear_input(block: nn.Module, name: str, h: torch.Tensor) -> torch.Tensor:
+    """The input the weight of linear `name` sees when the linear is called with h (its wrapper's transform and
+    activation quantizer applied)."""
+    module = block.get_submodule(name)
+    return module.quantized_input(h) if isinstance(module, ActQuantLinear) else h
+
+
+@torch.no_grad()
+def _entries_agree(block: nn.Module, plan: BlockStages, x: torch.Tensor) -> bool:
+    """Whether plan.entry gives, on x, exactly the inputs that the first group of every stage is called with (the
+    stages run in order; a stage that starts with routed experts is not captured through its entry)."""
+    for s, stage_groups in enumerate(plan.groups):
+        names = stage_groups[0]
+        if not routed.is_expert_group(block, names):
+            seen: dict[str, torch.Tensor] = {}
+            rec = _GroupRecorder(block, names, seen.__setitem__)
+            try:
+                rec.run(lambda blk, y: plan.run(blk, s, y), block, x)
+            finally:
+                rec.remove()
+            h = plan.entry(block, s, x)
+            if not all(_same(seen[n], _linear_input(block, n, h)) for n in names):
+                return False
+        x = plan.run(block, s, x)
+    return True
 
 
 def _now(device: torch.device) -> float:

@@ -191,10 +191,12 @@ class CheckpointWriter:
             ready = torch.cuda.Event()
             ready.record()  # the copies' values are queued before this point of the caller's stream
         self._wait(keep=self.IN_FLIGHT - 1)
-        self._pending.append(self._pool.submit(_save_shard, tensors, ready, os.path.join(self.tmp, name)))
         for t_name, t in tensors.items():
             self.weight_map[family][t_name] = name
             self.total_size[family] += t.numel() * t.element_size()
+        # handed over in a box that the writer empties: the pending future holds no reference to the device copies
+        # once they are on the host (they would otherwise stay on the GPU until the file is written)
+        self._pending.append(self._pool.submit(_save_shard, [tensors], ready, os.path.join(self.tmp, name)))
         del tensors
 
     def _wait(self, keep: int = 0) -> None:
@@ -238,12 +240,13 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], ready: torch.cuda.Event | None, path: str) -> None:
+def _save_shard(box: list[dict[str, torch.Tensor]], ready: torch.cuda.Event | None, path: str) -> None:
     """(CheckpointWriter's background thread) tensors to host memory, CUDA ones on a side stream after `ready`
     into page-locked buffers (one DMA each, given back to CUDA's cached host allocator after the file is written),
-    then one safetensors file."""
+    then one safetensors file.  box = [tensors], emptied here (the device copies are freed once on the host)."""
     from safetensors.torch import save_file
 
+    tensors = box.pop()
     if ready is not None:
         stream = torch.cuda.Stream(device=next(t.device for t in tensors.values() if t.is_cuda))
         with torch.cuda.stream(stream):
