@@ -5,16 +5,17 @@ The model (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000; we
 does not depend on the values) is written once as sharded safetensors to --model_dir and reused while it exists.
 Each method then runs `common.runs.llm.quantize_streamed` (the code behind `fake_quant/main.py --stream`) on
 --nsamples random-token sequences of --seqlen tokens and the streamed perplexity on --eval_windows random windows,
-with the flags `--rotate --w_bits 4 --a_bits 4 --w_clip --a_clip_ratio 0.9 [--gptaq]`.  Reported per method:
-wall seconds of every phase of the quantization, summed over layers: capture (H, dXXT), solve, stream forward,
-copy (layer to the device, quantizers, GPTAQ's FP copy) and release (common.pipeline.driver); read (waiting for the
+with the flags `--rotate --w_bits 4 --a_bits 4 --w_clip --a_clip_ratio 0.9 [--gptaq]`. Reported per method: wall
+seconds of every phase of the quantization, summed over layers: capture (H, dXXT), solve, stream forward, copy
+(layer to the device, quantizers, GPTAQ's FP copy) and release (common.pipeline.driver); read (waiting for the
 background read of the layer), prepare (rotation, quantizers) and write (host copy, handing the shard to the
-background writer) (common.pipeline.streaming); setup (embedding / lm_head, the embedding pass, publishing);
-"other" = the rest of the wall time (unaccounted); evaluation; peak GPU memory of the
-quantization and of the evaluation next to the estimate "one decoder layer (two for GPTAQ) + the input stream(s) +
-the largest H (and dXXT)"; peak host RSS (VmHWM).  With --layers N < 32 an N-layer model of the same shapes is used
-and the per-layer phases are also extrapolated to 32 layers (keys marked "extrapolated_32"; its "quantize_s" is the
-measured run plus the missing layers at the median of the layers after the first, which carries compilation).
+background writer) (common.pipeline.streaming); setup (embedding / lm_head, the embedding pass, waiting for the
+Triton kernels compiled meanwhile (common.pipeline.prewarm), publishing); "other" = the rest of the wall time
+(unaccounted); evaluation; peak GPU memory of the quantization and of the evaluation next to the estimate "one
+decoder layer (two for GPTAQ) + the input stream(s) + the largest H (and dXXT)"; peak host RSS (VmHWM). With
+--layers N < 32 an N-layer model of the same shapes is used and the per-layer phases are also extrapolated to 32
+layers (keys marked "extrapolated_32"; its "quantize_s" is the measured run plus the missing layers at the median of
+the layers after the first, which carries compilation).
 
     python bench/e2e_llm.py --methods gptaq gptq --json bench/results/e2e_llama7b.json     # one GPU
     python bench/e2e_llm.py --smoke                                                          # CPU, tiny shapes

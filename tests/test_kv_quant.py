@@ -137,10 +137,31 @@ def test_idempotent_remove_and_deepcopy(model_dirs):
     clone = copy.deepcopy(model)
     assert clone.model.layers[0].self_attn.forward.__self__ is clone.model.layers[0].self_attn
     assert torch.equal(clone(x).logits, q)
+    base = type(attn).__mro__[1]
+    assert type(attn).__name__ == base.__name__ and "forward" not in attn.__dict__
     remove_kv_quantization(model)
-    assert not attn.v_proj._forward_hooks and "forward" not in attn.__dict__
+    assert not attn.v_proj._forward_hooks and type(attn) is base
     assert torch.equal(model(x).logits, ref)
     assert torch.equal(clone(x).logits, q)  # the copy keeps its own quantizers
+
+
+def test_installed_module_is_freed_without_garbage_collection(model_dirs):
+    """No module -> bound method -> module cycle: a dropped (deep-copied) quantized layer frees its weights at once
+    (the pipeline's GPTAQ full-precision copy of every layer once stayed on the GPU until Python's next collection)."""
+    import gc
+    import weakref
+
+    model = load(model_dirs, "llama")
+    add_kv_quantization(model, KVQuantConfig(k_bits=4, v_bits=4, rotate_qk=True))
+    gc.collect()
+    gc.disable()
+    try:
+        clone = copy.deepcopy(model.model.layers[0])
+        gone = weakref.ref(clone.self_attn.q_proj.weight)
+        del clone
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("kwargs", [dict(k_bits=1), dict(v_bits=12), dict(k_bits=4.0), dict(v_bits=32),

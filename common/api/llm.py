@@ -92,7 +92,11 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
     from common.pipeline.driver import quantize_blocks
     from common.quant.act_quant import set_act_quant
 
+    from common.pipeline import prewarm
+
     set_min_tokens(model, moe_min_tokens)
+    dtype = next(model.parameters()).dtype
+    warm = prewarm.start(device, dtype, solver, llm.act_quant_widths(model.config, act, kv))
     if rotation is not None:
         rotation.apply(model, online_r4=export_format is None, progress=progress, device=device)
     llm.install_quantizers(model, act, kv)
@@ -104,6 +108,7 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
                 raise ValueError(f"{solver.method} needs calibration data, got none")
             inputs = llm.capture_layer_inputs(model, distributed.shard(calibration_batches(calibration, bsz)),
                                               torch.device(device))
+        warm.wait()  # the kernels compiled while the model was rotated and its first layer's inputs captured
         layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
                                  solver, prepare_block=llm.make_prepare_layer(act), device=device,
                                  offload_inputs=offload_inputs, desc="layer", resume=resume,

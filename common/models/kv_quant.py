@@ -7,8 +7,10 @@ K/V: k^ = Q_b(k') and v^ = Q_b(v) per head and token (group = head_dim, or a sma
 
 How it is installed (transformers 5 Llama / Qwen2 / Qwen3 / Mistral attention): the attention forward calls the
 module-level `apply_rotary_pos_emb(q, k, cos, sin)` and then `past_key_values.update(k, v, ...)`.  Each
-attention instance gets a forward that runs its class's forward code with globals in which
-`apply_rotary_pos_emb` is replaced by: original RoPE -> R3 on q and k (if `rotate_qk`) -> key quantizer.  So
+attention instance's class becomes a subclass (same name) whose forward runs the class's forward code with globals
+in which `apply_rotary_pos_emb` is replaced by: original RoPE -> R3 on q and k (if `rotate_qk`) -> key quantizer
+(a class rather than a bound method in the instance: the module does not refer to itself, so a dropped copy of it
+is freed at once, not at the next garbage collection; a deep copy keeps the class).  So
 keys are quantized before they reach the cache, with or without a cache, for eager and sdpa attention and
 during generation.  Values never see RoPE: a forward hook quantizes the v_proj output per head and token.
 
@@ -167,13 +169,27 @@ def _patched_forward(cls: type) -> types.FunctionType:
     return new
 
 
-def _kv_quant_forward(self: nn.Module, *args, **kwargs):
-    """Instance forward of a KV-quantized attention module (bound with types.MethodType; survives deepcopy)."""
-    token = _ACTIVE.set(self.kv_quantizer)
-    try:
-        return _patched_forward(type(self))(self, *args, **kwargs)
-    finally:
-        _ACTIVE.reset(token)
+def _base_class(attn: nn.Module) -> type:
+    """The attention module's own class (the one `add_kv_quantization` subclassed, if installed)."""
+    return getattr(type(attn), "_kv_quant_base", type(attn))
+
+
+@functools.cache
+def _kv_quant_class(cls: type) -> type:
+    """A subclass of the attention class `cls` (same name and module) whose forward runs `_patched_forward(cls)`
+    with the instance's `kv_quantizer` active."""
+    patched = _patched_forward(cls)
+
+    def forward(self, *args, **kwargs):
+        token = _ACTIVE.set(self.kv_quantizer)
+        try:
+            return patched(self, *args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    return type(cls.__name__, (cls,), {"forward": forward, "_kv_quant_base": cls, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
 
 
 def _forward_attr(attn: nn.Module) -> str:
@@ -195,10 +211,8 @@ def _remove(attn: nn.Module) -> None:
         for key, hook in list(m._forward_hooks.items()):
             if getattr(hook, "__self__", None) is kvq:
                 del m._forward_hooks[key]
-    name = _forward_attr(attn)
-    if name == "forward":
-        attn.__dict__.pop("forward", None)
-    else:
+    attn.__class__ = _base_class(attn)
+    if _forward_attr(attn) == "_old_forward":
         attn._old_forward = types.MethodType(type(attn).forward, attn)
     del attn.kv_quantizer
 
@@ -210,7 +224,7 @@ def add_kv_quantization(model: nn.Module, cfg: KVQuantConfig) -> None:
     if cfg.k_pre_rope and cfg.rotate_qk:
         warnings.warn("k_pre_rope=True: keys are quantized before RoPE, so R3 (rotate_qk) is not applied")
     for attn in attns:  # validate everything before touching the model
-        _patched_forward(type(attn))
+        _kv_quant_class(_base_class(attn))
         KVCacheQuantizer(cfg, attn.head_dim)
         if cfg.rotate_qk and not cfg.k_pre_rope:
             hadamard_transform(torch.zeros(1, attn.head_dim))
@@ -221,7 +235,9 @@ def add_kv_quantization(model: nn.Module, cfg: KVQuantConfig) -> None:
         kvq = KVCacheQuantizer(cfg, attn.head_dim)
         attn.kv_quantizer = kvq
         attn.v_proj.register_forward_hook(kvq.value_hook)
-        setattr(attn, _forward_attr(attn), types.MethodType(_kv_quant_forward, attn))
+        attn.__class__ = _kv_quant_class(type(attn))
+        if _forward_attr(attn) == "_old_forward":  # accelerate's hook calls the bound method it saved
+            attn._old_forward = types.MethodType(type(attn).forward, attn)
 
 
 def remove_kv_quantization(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from common.models.stages import BlockStages
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "as_llm_error", "looks_like_path",
-           "read_config", "check_config", "linear_in_features", "check_weight_files", "load_model", "load_tokenizer",
+           "read_config", "check_config", "linear_in_features", "act_quant_widths", "check_weight_files", "load_model", "load_tokenizer",
            "decoder_layers",
            "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
            "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
@@ -126,6 +126,18 @@ def linear_in_features(config) -> dict[str, int]:
     return {"q/k/v_proj, up/gate_proj": config.hidden_size,
             "o_proj": config.num_attention_heads * head_dim(config),
             "down_proj": config.intermediate_size}
+
+
+def act_quant_widths(config, act: ActQuantSettings, kv) -> set[tuple[int, bool]]:
+    """(row width, symmetric) of each activation and K/V quantizer a decoder layer of `config` calls: the
+    specializations of common.quant.act_triton's kernel that `common.pipeline.prewarm` compiles ahead."""
+    widths = set()
+    if act.bits < 16 or (act.down_proj_bits or 16) < 16:
+        widths |= {(act.groupsize if act.groupsize > 0 else n, act.sym) for n in linear_in_features(config).values()}
+    for bits, gs, sym in ((kv.k_bits, kv.k_groupsize, kv.k_sym), (kv.v_bits, kv.v_groupsize, kv.v_sym)):
+        if bits < 16:
+            widths.add((gs if 0 < gs < head_dim(config) else head_dim(config), sym))
+    return widths
 
 
 def load_tokenizer(name_or_path: str, flag: str = "--model"):

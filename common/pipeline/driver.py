@@ -234,7 +234,8 @@ def quantize_blocks(
     block_times: if given, one {"block", "capture_s", "solve_s", "forward_s", "copy_s", "release_s"} is appended per
     quantized block: wall seconds spent capturing H / dXXT, solving (incl. proxy losses), advancing the streams,
     before the first capture (to the device, quantizers, GPTAQ's FP copy) and after the last forward (checkpoint,
-    back home, CUDA cache emptied); CUDA synchronized.
+    back home, CUDA cache emptied); CUDA synchronized.  On CUDA also "gpu_alloc_start_gib" (allocated when the block
+    began) and "gpu_peak_gib" (torch.cuda.max_memory_allocated after it: the running peak since the caller's reset).
     stages(block): optional `BlockStages` of the block (None: none): each group is then captured from its stage's
     input and the streams advance stage by stage (less forward work, same results; see BlockStages).
     Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
@@ -262,6 +263,7 @@ def quantize_blocks(
             _restore_block(resume, i, block, prepare_block, cfg.acts_during_capture, on_quantized)
             continue
         t_block = _now(device)
+        alloc_start = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         home = _block_device(block)
         block.to(device)
         if prepare_block is not None:
@@ -347,6 +349,9 @@ def quantize_blocks(
         if block_times is not None:
             times["release_s"] = _now(device) - t_end  # checkpoint (--resume), back home, cache emptied
             block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
+            if alloc_start is not None:  # what the block found allocated; the running peak since the caller's reset
+                block_times[-1]["gpu_alloc_start_gib"] = round(alloc_start / 2**30, 3)
+                block_times[-1]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         if distributed.is_main():
             log.info("%s %d: %s", desc, i, "  ".join(_fmt(r) for r in block_records))
     return records

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from common.models import checkpoint, llm
+from common.pipeline import prewarm
 from common.models.files import FileError, ordinary_permissions
 from common.models.rotation import Rotation
 from common.quant.act_quant import ActQuantLinear
@@ -465,7 +466,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
     [bsz, seqlen] (may be empty when the method needs no data).  block_times: see `quantize_blocks`; each block's
     entry also gets the layer's read_s / prepare_s / write_s (`LayerStream.times`).  setup_times: if given, gets the
     wall seconds outside the layers: "outer_s" (embedding, norm, lm_head: read, rotate, write), "embed_s" (the
-    calibration batches through the embedding), "publish_s" (the last shard, index and config).
+    calibration batches through the embedding), "prewarm_wait_s" (waiting for the Triton kernels that
+    `common.pipeline.prewarm` compiles during the setup), "publish_s" (the last shard, index and config).
     export_dir: also write each layer, as soon as it is solved, as a shard of a GPTQ checkpoint there
     (`export_format`, scales and other tensors in `export_dtype`); the rotation then has no online R4 (a plain
     model; kv must have rotate_qk False and act / kv no quantization, as `common.io.export` requires).
@@ -482,6 +484,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
     model = build_skeleton(config, dtype)
     online_r4 = export_dir is None
     ckpt.check_fits(model)
+    warm = prewarm.start(device, dtype, wcfg, llm.act_quant_widths(config, act, kv))
     R1 = R2s = None
     if rotation is not None:
         try:
@@ -536,6 +539,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         if wcfg.needs_data:
             inputs = llm.capture_layer_inputs(model, calibration, device)
         setup["embed_s"] = _synced() - t0
+        setup["prewarm_wait_s"] = warm.wait()  # kernels compiled during the setup above (common.pipeline.prewarm)
         stream = LayerStream(model, ckpt, dtype, prepare, finish, pin=device.type == "cuda")
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
