@@ -47,10 +47,11 @@ def _spd(n: int, g: torch.Generator) -> torch.Tensor:
 def steps() -> list[tuple[str, object]]:
     """(name, fn) in the order a layer first needs them."""
     from common import solver
-    from common.quant import act_triton, mse_triton
+    from common.quant import act_triton
+    from common.quant.weight_grid import fit_grid
 
     g = torch.Generator(device=DEV).manual_seed(0)
-    wcfg = settings(parse_args(["--model", "unused", *W4A4_ROTATED]))[0]
+    wcfg, act, _ = settings(parse_args(["--model", "unused", *W4A4_ROTATED]))
     a16 = torch.randn(2048, 4096, device=DEV, generator=g).half()
     b16 = torch.randn(4096, 4096, device=DEV, generator=g).half()
     x11 = torch.randn(2048, 11008, device=DEV, generator=g).half()
@@ -66,14 +67,12 @@ def steps() -> list[tuple[str, object]]:
          lambda: torch.cholesky_inverse(torch.linalg.cholesky(H4))),
         ("cholesky + cholesky_inverse 11008", lambda: torch.cholesky_inverse(torch.linalg.cholesky(H11))),
         ("activation quantizer [2048, 4096] (Triton)",
-         lambda: act_triton.fake_quantize_rows(a16, 4096, 4, False, 0.9)),
+         lambda: act_triton.fake_quantize_rows(a16, 4096, act.bits, act.sym, act.clip_ratio)),
         ("activation quantizer [2048, 11008] (Triton)",
-         lambda: act_triton.fake_quantize_rows(x11, 11008, 4, False, 0.9)),
+         lambda: act_triton.fake_quantize_rows(x11, 11008, act.bits, act.sym, act.clip_ratio)),
+        ("MSE grid search [4096, 4096] (Triton)",
+         lambda: fit_grid(W[(4096, 4096)], wcfg.bits, wcfg.sym, wcfg.mse, sym_grid=wcfg.sym_grid, fused=True)),
     ]
-    w = W[(4096, 4096)]
-    out.append(("MSE grid search [4096, 4096] (Triton)",
-                lambda: mse_triton.mse_search(w, w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True)
-                                              .clamp(min=0), 4, False, "quarot", 100, 80, 2.4)))
     for method in ("gptq", "gptaq"):
         cfg = dataclasses.replace(wcfg, method=method)
         for (o, i), Wm in W.items():

@@ -88,11 +88,9 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
     (this rank's share under torchrun; checkpointed into `resume`, a common.pipeline.resume.ResumeState; each
     solved linear passed to `on_quantized`); leaves every quantizer on.  MoE experts routed fewer than
     `moe_min_tokens` calibration tokens are rounded to nearest.  Returns the per-linear records."""
-    from common.pipeline import distributed
+    from common.pipeline import distributed, prewarm
     from common.pipeline.driver import quantize_blocks
     from common.quant.act_quant import set_act_quant
-
-    from common.pipeline import prewarm
 
     set_min_tokens(model, moe_min_tokens)
     dtype = next(model.parameters()).dtype

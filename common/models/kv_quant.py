@@ -33,7 +33,7 @@ from common.quant.act_quant import ActQuantizer
 from common.models.hadamard import hadamard_transform
 
 __all__ = ["KVQuantConfig", "KVCacheQuantizer", "add_kv_quantization", "remove_kv_quantization",
-           "kv_quantizers"]
+           "kv_quantizers", "kv_group"]
 
 ROPE_FN = "apply_rotary_pos_emb"
 
@@ -74,11 +74,15 @@ class KVQuantConfig:
         return self.k_bits < 16 or self.v_bits < 16 or self.rotate_qk
 
 
+def kv_group(groupsize: int, head_dim: int) -> int:
+    """The channels a K/V quantizer's row holds: the group size, or the whole head (-1 or >= head_dim)."""
+    return groupsize if 0 < groupsize < head_dim else head_dim
+
+
 def _quantizer(bits: int, sym: bool, clip: float, groupsize: int, head_dim: int, flag: str) -> ActQuantizer:
     if groupsize > 0 and head_dim % groupsize:
         raise ValueError(f"--{flag} {groupsize} must divide head_dim {head_dim}")
-    group = groupsize if 0 < groupsize < head_dim else head_dim
-    return ActQuantizer(bits=bits, sym=sym, clip_ratio=clip, groupsize=group)
+    return ActQuantizer(bits=bits, sym=sym, clip_ratio=clip, groupsize=kv_group(groupsize, head_dim))
 
 
 class KVCacheQuantizer(nn.Module):

@@ -25,8 +25,8 @@ from common.models.stages import BlockStages
 from common.quant.act_quant import ActQuantizer, ActQuantLinear, ActQuantSettings, wrap_linears
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "LLMError", "as_llm_error", "looks_like_path",
-           "read_config", "check_config", "linear_in_features", "act_quant_widths", "check_weight_files", "load_model", "load_tokenizer",
-           "decoder_layers",
+           "read_config", "check_config", "linear_in_features", "act_quant_widths", "check_weight_files", "load_model",
+           "load_tokenizer", "decoder_layers",
            "sublayer_groups", "ActQuantSettings", "make_prepare_layer", "add_act_quant", "LayerInputs",
            "capture_layer_inputs", "install_layer_quantizers", "install_quantizers", "check_save_target",
            "save_quantized", "write_quant_file", "publish_directory", "read_quant_spec", "load_quantized",
@@ -134,9 +134,11 @@ def act_quant_widths(config, act: ActQuantSettings, kv) -> set[tuple[int, bool]]
     widths = set()
     if act.bits < 16 or (act.down_proj_bits or 16) < 16:
         widths |= {(act.groupsize if act.groupsize > 0 else n, act.sym) for n in linear_in_features(config).values()}
+    from common.models.kv_quant import kv_group
+
     for bits, gs, sym in ((kv.k_bits, kv.k_groupsize, kv.k_sym), (kv.v_bits, kv.v_groupsize, kv.v_sym)):
         if bits < 16:
-            widths.add((gs if 0 < gs < head_dim(config) else head_dim(config), sym))
+            widths.add((kv_group(gs, head_dim(config)), sym))
     return widths
 
 

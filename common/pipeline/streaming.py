@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from common.models import checkpoint, llm
-from common.pipeline import prewarm
 from common.models.files import FileError, ordinary_permissions
 from common.models.rotation import Rotation
+from common.pipeline import prewarm
 from common.quant.act_quant import ActQuantLinear
 
 __all__ = ["SafetensorsCheckpoint", "CheckpointWriter", "build_skeleton", "checkpoint_names",
