@@ -150,6 +150,7 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str, device: torch
             "--seqlen", str(a.seqlen), "--bsz", str(a.bsz), "--seed", str(a.seed), "--stream", *W4A4_ROTATED]
     argv += ["--gptaq"] if method == "gptaq" else []
     argv += ["--offload_inputs"] if a.offload_inputs else []
+    argv += ["--cuda_graphs"] if a.cuda_graphs else []
     args = parse_args(argv)
     args.dtype = a.dtype
     wcfg, act, kv = settings(args)
@@ -203,6 +204,7 @@ def run_in_memory(method: str, a: argparse.Namespace, model_dir: str, device: to
             "--seqlen", str(a.seqlen), "--bsz", str(a.bsz), "--seed", str(a.seed), *W4A4_ROTATED]
     argv += ["--gptaq"] if method == "gptaq" else []
     argv += ["--offload_inputs"] if a.offload_inputs else []
+    argv += ["--cuda_graphs"] if a.cuda_graphs else []
     args = parse_args(argv)
     args.dtype = a.dtype
     wcfg, act, kv = settings(args)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval_windows", type=int, default=16, help="random-token perplexity windows of --seqlen")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--offload_inputs", action="store_true", help="calibration streams in pinned CPU memory")
+    p.add_argument("--cuda_graphs", action="store_true", help="layer passes replayed from CUDA graphs (--cuda_graphs)")
     p.add_argument("--in_memory", action="store_true",
                    help="also run each method on the whole model in host memory (no --stream), for the comparison")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -14,6 +14,10 @@ Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
   capture    quantize_blocks' phases on that layer (16 batches) with and without stage-wise capture
   agreement  per linear, isolated (same weights and streams): equal quantized entries when solved from this code's
              statistics, from the accumulation of the issue's "today" and from float64 sums (the noise floor)
+  overhead   host or device bound?  quantize_blocks on the layer per method: each driver phase's wall time (unprofiled)
+             against its kernel time (torch.profiler, the driver's "capture:" / "solve:" / "forward:" ranges), the
+             implicit host-device synchronisations (torch.cuda sync debug mode) by source line; one layer forward's
+             issue time against its synchronized time, at batch size 1 and 2
   kernels    torch.profiler over one layer forward (activation quantizers on) and over quantize_blocks on the layer
              (GPTQ and GPTAQ, 16 batches): device time by kernel against wall time (what the GPU waits for)
   solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone: PyTorch loop and fused kernel
@@ -48,7 +52,8 @@ DEV = torch.device("cuda")
 SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CPU, tiny
 
 
-SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "kernels", "agreement", "solve"]
+SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "overhead", "kernels", "agreement",
+            "solve"]
 
 
 def _sync() -> None:
@@ -244,6 +249,7 @@ def layer_pieces(tmp: str) -> tuple[dict, object]:
     g = torch.Generator().manual_seed(0)
     cal = [torch.randint(0, SHAPE['vocab_size'], (1, TOKENS), generator=g) for _ in range(NBATCH)]
     inputs = llm.capture_layer_inputs(model, cal, DEV)
+    inputs2 = llm.capture_layer_inputs(model, [torch.cat(cal[i:i + 2]) for i in range(0, len(cal) - 1, 2)], DEV)
     xs = inputs.inputs
     fwd = {}
     with torch.no_grad():
@@ -272,10 +278,10 @@ def layer_pieces(tmp: str) -> tuple[dict, object]:
     writer.write(cpu)
     r["write_s"] = time.perf_counter() - t0
     writer.abort()
-    return r, (layer, inputs, wcfg)
+    return r, (layer, inputs, wcfg, inputs2)
 
 
-def capture(layer, inputs, wcfg) -> dict:
+def capture(layer, inputs, wcfg, _inputs2=None) -> dict:
     """quantize_blocks on the layer (a copy each time) with and without stages: the driver's phases."""
     from dataclasses import replace
 
@@ -312,7 +318,129 @@ def _profiled(fn) -> dict:
             "top": [{"op": e.key[:90], "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3} for e in ev[:25]]}
 
 
-def kernels(layer, inputs, wcfg) -> dict:
+def _range_kernels(prof, top: int = 12) -> dict[str, dict]:
+    """Per driver range (host-side events, summed over occurrences): kernel seconds launched inside it and its
+    largest kernels {name: [calls, ms]}."""
+    from torch.autograd import DeviceType
+
+    def kernels(e, acc):
+        for k in e.kernels:
+            calls, ms = acc.get(k.name, (0, 0.0))
+            acc[k.name] = (calls + 1, ms + k.duration / 1e3)
+        for ch in e.cpu_children:
+            kernels(ch, acc)
+
+    out: dict[str, dict] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and e.name.split(":")[0] in ("capture", "solve", "forward"):
+            acc = out.setdefault(e.name, {})
+            kernels(e, acc)
+    return {name: {"kernel_s": round(sum(ms for _, ms in acc.values()) / 1e3, 4),
+                   "top": {k[:80]: [c, round(ms, 2)] for k, (c, ms) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:top]}}
+            for name, acc in out.items()}
+
+
+def _sync_sources(fn) -> dict[str, int]:
+    """fn() with torch.cuda's sync debug mode warning: the implicit synchronisations it makes, by source line."""
+    import collections
+    import warnings
+
+    counts: collections.Counter = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "called a synchronizing" in str(w.message):
+            counts[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    return dict(counts.most_common())
+
+
+def overhead(layer, inputs, wcfg, inputs2=None) -> dict:
+    """Per method, with and without CUDA graphs, quantize_blocks on the layer: phase wall times and peak memory
+    (block_times, no profiler, peak reset before), kernel time per phase (profiled run), implicit syncs; then one layer forward's issue vs synchronized time, batch size 1 (and 2)."""
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from common.pipeline.driver import quantize_blocks
+
+    out: dict = {}
+    for method in ("gptq", "gptaq"):
+        for graphs in (False, True):
+            def run(times=None):
+                blk = copy.deepcopy(layer)
+                quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                                replace(wcfg, method=method), device=DEV, desc="overhead", block_times=times,
+                                stages=inputs.stages, cuda_graphs=graphs)
+            run()  # warm-up (compiles, cuBLAS handles)
+            times: list[dict] = []
+            if DEV.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            run(times)
+            r = {"block_times": times[0]}
+            if DEV.type == "cuda":
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run()
+                r["kernels"] = _range_kernels(prof)
+                r["syncs"] = _sync_sources(run)
+            out[f"{method}_{'graphs' if graphs else 'eager'}"] = r
+    fwd = {}
+    with torch.no_grad():
+        for acts in (False, True):
+            set_act_quant(layer, acts)
+            for label, ins in (("bsz1", inputs), ("bsz2", inputs2)):
+                if ins is None:
+                    continue
+                xs = ins.inputs
+                tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+                _sync()
+                t0 = time.perf_counter()
+                for x in xs:
+                    ins.run_layer(layer, x)
+                t_issue = time.perf_counter() - t0
+                _sync()
+                t_all = time.perf_counter() - t0
+                fwd[f"acts_{acts}_{label}"] = {"issue_ms_per_2048": 1e3 * t_issue * 2048 / tokens,
+                                               "synced_ms_per_2048": 1e3 * t_all * 2048 / tokens,
+                                               "timed_ms_per_2048": 1e3 * timed(
+                                                   lambda: [ins.run_layer(layer, x) for x in xs], 3) * 2048 / tokens}
+        if DEV.type == "cuda":  # the same forward replayed from a CUDA graph: what the host's share costs
+            for acts in (False, True):
+                set_act_quant(layer, acts)
+                try:
+                    fwd[f"acts_{acts}_graphed_ms_per_2048"] = 1e3 * _graphed_forward_s(layer, inputs)
+                except Exception as e:  # noqa: BLE001 -- report why the layer cannot be captured
+                    fwd[f"acts_{acts}_graphed_error"] = f"{type(e).__name__}: {e}"[:300]
+    out["forward"] = fwd
+    return out
+
+
+def _graphed_forward_s(layer, inputs) -> float:
+    """Seconds per batch of the layer forward captured once as a CUDA graph and replayed on every batch."""
+    xs = inputs.inputs
+    static = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            inputs.run_layer(layer, static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        inputs.run_layer(layer, static)
+
+    def replay():
+        for x in xs:
+            static.copy_(x)
+            graph.replay()
+    return timed(replay, 3) / len(xs)
+
+
+def kernels(layer, inputs, wcfg, _inputs2=None) -> dict:
     """Where the device time goes in one layer forward and in quantize_blocks on the layer (profiled)."""
     from dataclasses import replace
 
@@ -363,7 +491,7 @@ class _Twin:
         return (self.S * scale).float(), None if self.D is None else (self.D * scale).float()
 
 
-def agreement(layer, inputs, wcfg) -> dict:
+def agreement(layer, inputs, wcfg, _inputs2=None) -> dict:
     """The only change here that is not exact is how H / dXXT are summed (float32 GEMM accumulation, dXXT by
     difference).  Per linear, isolated: every accumulator of the run has two twins (`_Twin`: the accumulation of
     the issue's "today" and the float64 truth) that sum the same batches; each linear is solved from all three on
@@ -417,7 +545,7 @@ def agreement(layer, inputs, wcfg) -> dict:
     return out
 
 
-def solve(layer, inputs, wcfg) -> dict:
+def solve(layer, inputs, wcfg, _inputs2=None) -> dict:
     from common import solver
     from common.quant.weight_grid import fit_grid
 
@@ -452,8 +580,10 @@ def main() -> None:
     p.add_argument("--tmp", default="outputs/profile_e2e")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks that the script runs)")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    p.add_argument("--nbatch", type=int, default=16, help="calibration batches of the layer sections")
     a = p.parse_args()
-    global DEV, SIZES, TOKENS, SHAPE
+    global DEV, SIZES, TOKENS, SHAPE, NBATCH
+    NBATCH = a.nbatch
     if a.smoke:
         DEV, SIZES, TOKENS, SHAPE = torch.device("cpu"), (64, 96), 64, SMOKE
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -466,10 +596,11 @@ def main() -> None:
             t0 = time.perf_counter()
             res[name] = fn()
             print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
-    if {"layer", "capture", "kernels", "agreement", "solve"} & set(a.sections):
+    if {"layer", "capture", "overhead", "kernels", "agreement", "solve"} & set(a.sections):
         res["layer"], state = layer_pieces(a.tmp)
         print("layer", json.dumps(res["layer"], indent=1), flush=True)
-        for name, fn in (("capture", capture), ("kernels", kernels), ("agreement", agreement), ("solve", solve)):
+        for name, fn in (("capture", capture), ("overhead", overhead), ("kernels", kernels), ("agreement", agreement),
+                         ("solve", solve)):
             if name in a.sections:
                 res[name] = fn(*state)
                 print(name, json.dumps(res[name], indent=1), flush=True)

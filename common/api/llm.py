@@ -82,12 +82,14 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
                    act: ActQuantSettings, kv: KVQuantConfig, rotation: Rotation | None = None, *,
                    device: torch.device | str = "cpu", bsz: int = 1, offload_inputs: bool = False,
                    export_format: str | None = None, on_quantized: Callable | None = None, resume=None,
-                   progress: bool = True, moe_min_tokens: int = DEFAULT_MIN_TOKENS) -> list[dict]:
+                   progress: bool = True, moe_min_tokens: int = DEFAULT_MIN_TOKENS,
+                   cuda_graphs: bool = False) -> list[dict]:
     """The in-memory pipeline on `model`: rotation (no online R4 when `export_format` is given: a plain model),
     quantizers, then the layer-by-layer weight solve on `calibration` samples [1, seqlen] in batches of `bsz`
     (this rank's share under torchrun; checkpointed into `resume`, a common.pipeline.resume.ResumeState; each
     solved linear passed to `on_quantized`); leaves every quantizer on.  MoE experts routed fewer than
-    `moe_min_tokens` calibration tokens are rounded to nearest.  Returns the per-linear records."""
+    `moe_min_tokens` calibration tokens are rounded to nearest.  cuda_graphs: see
+    `common.pipeline.driver.quantize_blocks`.  Returns the per-linear records."""
     from common.pipeline import distributed, prewarm
     from common.pipeline.driver import quantize_blocks
     from common.quant.act_quant import set_act_quant
@@ -110,7 +112,7 @@ def quantize_model(model: nn.Module, calibration: Sequence[torch.Tensor], solver
         layers = quantize_blocks(llm.decoder_layers(model), inputs.inputs, inputs.run_layer, llm.sublayer_groups,
                                  solver, prepare_block=llm.make_prepare_layer(act), device=device,
                                  offload_inputs=offload_inputs, desc="layer", resume=resume,
-                                 on_quantized=on_quantized, stages=inputs.stages)
+                                 on_quantized=on_quantized, stages=inputs.stages, cuda_graphs=cuda_graphs)
         del inputs
     set_act_quant(model, True)
     return layers
@@ -122,7 +124,7 @@ def quantize_streamed(model_dir: str, out_dir: str, calibration: Sequence[torch.
                       device: torch.device | str = "cpu", bsz: int = 1, offload_inputs: bool = False,
                       tokenizer=None, extra_spec: dict | None = None, block_times: list[dict] | None = None,
                       setup_times: dict | None = None, export_dir: str | None = None, export_format: str = "gptq",
-                      export_dtype: str = "float16") -> list[dict]:
+                      export_dtype: str = "float16", cuda_graphs: bool = False) -> list[dict]:
     """`CausalLM.quantize` + `save` for a safetensors checkpoint of any size: one decoder layer in host memory at
     a time, written to `out_dir` as it is solved (and, with `export_dir`, packed into a GPTQ checkpoint there);
     common.pipeline.streaming.quantize_checkpoint (block_times, setup_times: its phase timings).  Returns the
@@ -135,7 +137,8 @@ def quantize_streamed(model_dir: str, out_dir: str, calibration: Sequence[torch.
         model_dir, out_dir, dtype=dtype, wcfg=solver, act=act, kv=kv, calibration=batches, device=device,
         rotation=rotation, offload_inputs=offload_inputs, tokenizer=tokenizer,
         spec=quant_spec(solver, act, kv, dtype, model_dir, extra_spec), block_times=block_times,
-        setup_times=setup_times, export_dir=export_dir, export_format=export_format, export_dtype=export_dtype)
+        setup_times=setup_times, export_dir=export_dir, export_format=export_format, export_dtype=export_dtype,
+        cuda_graphs=cuda_graphs)
 
 
 def export_saved(path: str, out_dir: str, format: str = "gptq", dtype: str = "float16") -> str:
@@ -236,12 +239,13 @@ class CausalLM:
                  act: ActQuantSettings = ActQuantSettings(), kv: KVQuantConfig = KVQuantConfig(),
                  rotation: Rotation | None = None, *, device: torch.device | str = "cpu", bsz: int = 1,
                  offload_inputs: bool = False, export_format: str | None = None, keep_grids: bool = True,
-                 resume=None, extra_spec: dict | None = None) -> list[dict]:
+                 resume=None, extra_spec: dict | None = None, cuda_graphs: bool = False) -> list[dict]:
         """Quantize in place with `solver` (weights), `act` (per-token activation quantizers), `kv` (KV cache) and
         `rotation` on `calibration` samples (see `calibration`).  export_format "gptq" / "gptq_v2": keep the model
         exportable (weight-only, rotation without online R4) and check every linear against that format as it is
         solved; keep_grids: keep each linear's grid for `save` / `export` (bits/8 bytes per weight).
-        resume: a common.pipeline.resume.ResumeState.  Returns the per-linear records (also in `layers`)."""
+        resume: a common.pipeline.resume.ResumeState.  cuda_graphs: each layer's per-batch passes replayed from
+        CUDA graphs (`common.pipeline.driver.quantize_blocks`; same results).  Returns the per-linear records (also in `layers`)."""
         from common.io.export import GPTQCollector
         from common.pipeline.streaming import keeps_grids
 
@@ -251,7 +255,7 @@ class CausalLM:
             collector = GPTQCollector(self.model, llm.decoder_layers(self.model), export_format)
         self.layers = quantize_model(self.model, calibration, solver, act, kv, rotation, device=device, bsz=bsz,
                                      offload_inputs=offload_inputs, export_format=export_format,
-                                     on_quantized=collector, resume=resume)
+                                     on_quantized=collector, resume=resume, cuda_graphs=cuda_graphs)
         self.grids = collector.grids if collector is not None else {}
         self.solver, self.export_format = solver, export_format
         self.spec = quant_spec(solver, act, kv, self.dtype, self.source, extra_spec)

@@ -76,6 +76,10 @@ def build_parser(prog: str = "fake_quant/main.py") -> argparse.ArgumentParser:
     g.add_argument("--bsz", type=types.positive, default=1, help="batch size of calibration forwards and perplexity")
     g.add_argument("--offload_inputs", action="store_true",
                    help="keep the calibration streams on CPU between layers (saves GPU memory)")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="on CUDA, capture each layer group's per-batch passes once as CUDA graphs and replay them on "
+                        "the other batches (the same results, checked bit for bit; pays off where the host, not the "
+                        "GPU, limits the calibration forwards)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--lm_eval", action="store_true", help="run lm-eval zero-shot tasks")

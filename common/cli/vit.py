@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=types.nonneg_int, default=4, help="DataLoader worker processes for evaluation")
     m.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and the val subset")
     m.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    m.add_argument("--cuda_graphs", action="store_true",
+                   help="on CUDA, capture each block group's per-batch passes once as CUDA graphs and replay them on "
+                        "the other batches (the same results, checked bit for bit)")
     m.add_argument("--output_dir", default=None, help="where results.json goes (default: outputs/vit_quant/<run>)")
 
     flags.add_weight_flags(p)

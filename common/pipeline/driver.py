@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.pipeline import distributed, routed
+from common.pipeline.graphs import BatchPass
 from common import solver
 from common.solver import SolverConfig
 from common.models.stages import BlockStages
@@ -124,7 +125,7 @@ def _record_fp_inputs(fp_block, names, xfp, run_block, device, stream_device, pi
 
 @torch.no_grad()
 def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetric, advance_fp=None, fp_inputs=None,
-                   entry=None):
+                   entry=None, graphs=False):
     """H (and dXXT) of every linear in `names`, over all batches.
 
     Linears that see equal inputs (q/k/v and up/gate: the same hidden states through identical activation
@@ -137,17 +138,11 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
     entry(blk, x): what the group's linears are called with (`BlockStages.entry`, checked by `_plan`): their inputs
     are then formed from it directly instead of running the block up to them (the FP block too, unless it must run
     to its end for advance_fp).
+    graphs: each batch's passes (FP, quantized) replayed from CUDA graphs after the first batch (`BatchPass`).
     """
     stats: dict[str, HessianAccumulator] = {}
     leader: dict[str, str] = {}  # name -> the linear whose accumulator it shares (itself when its own)
-    fp_seen: dict[str, torch.Tensor] = {}
     seen: dict[str, tuple] = {}  # this batch: name -> (x~, x)
-
-    def fp_sink(name, x):
-        fp_seen[name] = x
-
-    def q_sink(name, x):
-        seen[name] = (x, fp_seen.pop(name) if asymmetric else None)
 
     def agrees(other, x, fp):
         return _same(seen[other][0], x) and _same(seen[other][1], fp)
@@ -168,32 +163,30 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
         seen.clear()
 
     fp_entry = entry is not None and advance_fp is None
-    q_rec = _GroupRecorder(block, names, q_sink) if entry is None else None
-    fp_rec = _GroupRecorder(fp_block, names, fp_sink, stop=advance_fp is None) \
-        if asymmetric and fp_inputs is None and not fp_entry else None
+    pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None
+    q_pass = BatchPass(_linear_inputs_pass(block, names, run_block, entry, stop=True), device, graphs, pool,
+                       f"capture {names[0]}")
+    fp_pass = None
+    if asymmetric and fp_inputs is None:  # called before q_pass on every batch (the graphs' capture order)
+        fp_pass = BatchPass(_linear_inputs_pass(fp_block, names, run_block, entry if fp_entry else None,
+                                                stop=advance_fp is None),
+                            device, graphs, pool, f"capture {names[0]} (full precision)")
     try:
         for b in range(len(xq)):
+            fp = None
             if fp_inputs is not None:
-                fp_seen.update((name, fp_inputs[b].pop(name)) for name in names)
-            elif asymmetric and fp_entry:
-                h = entry(fp_block, xfp[b].to(device, non_blocking=True))
-                for name in names:
-                    fp_sink(name, _linear_input(fp_block, name, h))
-            elif asymmetric:
-                out = fp_rec.run(run_block, fp_block, xfp[b].to(device, non_blocking=True))
+                fp = {name: fp_inputs[b].pop(name) for name in names}
+            elif fp_pass is not None:
+                fp = fp_pass(xfp[b].to(device, non_blocking=True))
                 if advance_fp is not None:
-                    advance_fp(b, out)
-            if entry is not None:
-                h = entry(block, xq[b].to(device, non_blocking=True))
-                for name in names:
-                    q_sink(name, _linear_input(block, name, h))
-            else:
-                q_rec.run(run_block, block, xq[b].to(device, non_blocking=True))
+                    advance_fp(b, fp_pass.keep(fp[_OUTPUT]))
+            q = q_pass(xq[b].to(device, non_blocking=True))
+            seen.update((name, (q[name], fp[name] if asymmetric else None)) for name in names)
             accumulate()
     finally:
-        for rec in (q_rec, fp_rec):
-            if rec is not None:
-                rec.remove()
+        for p in (q_pass, fp_pass):
+            if p is not None:
+                p.close()
     if distributed.world_size() > 1:  # every linear its own sums, so that all ranks make the same all-reduces
         for name in names:
             if leader[name] != name:
@@ -201,6 +194,43 @@ def _capture_group(block, fp_block, names, xq, xfp, run_block, device, asymmetri
         for name in names:
             stats[name].all_reduce()
     return stats
+
+
+_OUTPUT = "<output>"  # the key of a pass's block output among the linear inputs it returns
+
+
+def _linear_inputs_pass(block, names, run_block, entry, stop: bool) -> Callable[[torch.Tensor], dict]:
+    """x -> {name: the input linear `name` of `block` sees}: formed from entry(block, x) when given, else recorded
+    by hooks while run_block(block, x) runs (stopped once all are seen when `stop`, otherwise run to its end and its
+    output returned under _OUTPUT).  The hooks are registered until the pass's `close` (BatchPass)."""
+    if entry is not None:
+        def from_entry(x):
+            h = entry(block, x)
+            return {name: _linear_input(block, name, h) for name in names}
+        return from_entry
+    got: dict[str, torch.Tensor] = {}
+    rec = _GroupRecorder(block, names, got.__setitem__, stop=stop)
+
+    def recorded(x):
+        got.clear()
+        out = rec.run(run_block, block, x)
+        res = dict(got)
+        if not stop:
+            res[_OUTPUT] = _output(out)
+        return res
+    recorded.close = rec.remove
+    return recorded
+
+
+def _capture(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, needs_data, advance_fp, fp_inputs,
+             entry, graphs) -> dict[str, HessianAccumulator]:
+    """The group's statistics: none without calibration data (RTN), routed experts' per expert, else `_capture_group`."""
+    if not needs_data:
+        return {}
+    if routed.is_expert_group(block, group):
+        return routed.capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, advance_fp)
+    return _capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, advance_fp, fp_inputs,
+                          entry, graphs)
 
 
 def quantize_blocks(
@@ -217,6 +247,7 @@ def quantize_blocks(
     resume: ResumeState | None = None,
     block_times: list[dict] | None = None,
     stages: Callable[[nn.Module], BlockStages | None] | None = None,
+    cuda_graphs: bool = False,
 ) -> list[dict]:
     """Quantize `blocks` in place, one at a time on `device` (each goes back to its original device afterwards).
 
@@ -231,13 +262,18 @@ def quantize_blocks(
     saved streams.
     Under torchrun, `inputs` is this rank's shard of the calibration batches (`common.pipeline.distributed.shard`); every
     rank ends with the same weights.
-    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s", "copy_s", "release_s"} is appended per
-    quantized block: wall seconds spent capturing H / dXXT, solving (incl. proxy losses), advancing the streams,
-    before the first capture (to the device, quantizers, GPTAQ's FP copy) and after the last forward (checkpoint,
-    back home, CUDA cache emptied); CUDA synchronized.  On CUDA also "gpu_alloc_start_gib" (allocated when the block
+    block_times: if given, one {"block", "capture_s", "solve_s", "forward_s", "copy_s", "release_s", "groups"} is
+    appended per quantized block: wall seconds spent capturing H / dXXT, solving (incl. proxy losses), advancing the
+    streams, before the first capture (to the device, quantizers, GPTAQ's FP copy) and after the last forward
+    (checkpoint, back home, CUDA cache emptied), and per group {"group" (its first linear), "capture_s", "solve_s"
+    [, "gpu_peak_capture_gib", "gpu_peak_solve_gib" (the running peak after each)]}; CUDA synchronized.  The same phases are torch.profiler ranges "capture:<first linear>", "solve:<first linear>",
+    "forward:stage<s>".  On CUDA also "gpu_alloc_start_gib" (allocated when the block
     began) and "gpu_peak_gib" (torch.cuda.max_memory_allocated after it: the running peak since the caller's reset).
     stages(block): optional `BlockStages` of the block (None: none): each group is then captured from its stage's
     input and the streams advance stage by stage (less forward work, same results; see BlockStages).
+    cuda_graphs (default off): on CUDA, each group's per-batch passes (and each stage's forward) are captured as
+    CUDA graphs on the first batch and replayed on the others (`common.pipeline.graphs.BatchPass`: checked bit for
+    bit on the first batch, eager where a pass synchronises with the host); False: every batch eager.
     Returns one record per linear: {"block", "name", "method", "bits", "shape", "tokens", "loss"[, "asym_loss"],
     "seconds"}; proxy losses are from `common.solver.proxy_loss` (none for RTN, which runs no calibration).
     """
@@ -279,6 +315,7 @@ def quantize_blocks(
             set_act_quant(fp_block, False)
         block_records, block_results = [], {}
         times = dict.fromkeys(("capture_s", "solve_s", "forward_s"), 0.0)
+        group_times: list[dict] = []
         times["copy_s"] = _now(device) - t_block  # to the device, quantizers, GPTAQ's full-precision copy
         groups = sublayer_groups(block)
         t0 = _now(device)
@@ -302,38 +339,47 @@ def quantize_blocks(
                 if asymmetric and fp_inputs is None and gi == len(stage_groups) - 1:
                     def advance_fp(b, out):
                         xfp[b] = _to(_output(out), stream_device, pin)
-                if not needs_data:
-                    stats = {}
-                elif routed.is_expert_group(block, group):
-                    stats = routed.capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric,
-                                                 advance_fp)
-                else:
-                    entry = None
-                    if gi == 0 and plan.entry is not None:
-                        def entry(blk, x, si=si):
-                            return plan.entry(blk, si, x)
-                    stats = _capture_group(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, advance_fp,
-                                           fp_inputs, entry)
+                entry = None
+                if gi == 0 and plan.entry is not None:
+                    def entry(blk, x, si=si):
+                        return plan.entry(blk, si, x)
+                with torch.profiler.record_function(f"capture:{group[0]}"):
+                    stats = _capture(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, needs_data,
+                                     advance_fp, fp_inputs, entry, cuda_graphs)
                 t1 = _now(device)
                 times["capture_s"] += t1 - t0
+                peak_capture = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
                 keep = on_quantized is not None
                 single = distributed.world_size() == 1
                 mine = {}
-                for j, name in enumerate(group):
-                    if distributed.owner(j) == distributed.rank():
-                        mine[name] = _solve_linear(block, name, stats.get(name), cfg, i, desc, keep)
-                        if keep and single:  # handed over at once: one linear's result alive at a time
-                            mine[name] = _hand_over(i, name, *mine[name], on_quantized, resume, block_results)
-                del stats
-                for name, (rec, res) in _share_solved(block, group, mine).items():
-                    block_records.append(rec)
-                    if keep and not single:
-                        _hand_over(i, name, rec, res, on_quantized, resume, block_results)
-                times["solve_s"] += _now(device) - t1
+                with torch.profiler.record_function(f"solve:{group[0]}"):
+                    for j, name in enumerate(group):
+                        if distributed.owner(j) == distributed.rank():
+                            mine[name] = _solve_linear(block, name, stats.get(name), cfg, i, desc, keep)
+                            if keep and single:  # handed over at once: one linear's result alive at a time
+                                mine[name] = _hand_over(i, name, *mine[name], on_quantized, resume, block_results)
+                    del stats
+                    for name, (rec, res) in _share_solved(block, group, mine).items():
+                        block_records.append(rec)
+                        if keep and not single:
+                            _hand_over(i, name, rec, res, on_quantized, resume, block_results)
+                t2 = _now(device)
+                times["solve_s"] += t2 - t1
+                group_times.append({"group": group[0], "capture_s": round(t1 - t0, 4), "solve_s": round(t2 - t1, 4)})
+                if device.type == "cuda":  # the running peak after the group's capture and after its solve
+                    group_times[-1]["gpu_peak_capture_gib"] = round(peak_capture / 2**30, 3)
+                    group_times[-1]["gpu_peak_solve_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             t0 = _now(device)
-            with torch.no_grad():  # the quantized stream through this stage (the FP stream advanced during capture)
+            # the quantized stream through this stage (the FP stream advanced during capture)
+            with torch.no_grad(), torch.profiler.record_function(f"forward:stage{si}"):
+                forward = BatchPass(lambda x, si=si: {_OUTPUT: _output(plan.run(block, si, x))}, device,
+                                    cuda_graphs, label=f"{desc} {i} stage {si} forward")
+                def advanced(x, forward=forward):  # a graph's buffer is copied when kept on its device
+                    out = forward(x)[_OUTPUT]
+                    return forward.keep(out) if stream_device == device else out
                 for b in range(len(xq)):
-                    xq[b] = _to(_output(run_stage(block, xq[b].to(device, non_blocking=True))), stream_device, pin)
+                    xq[b] = _to(advanced(xq[b].to(device, non_blocking=True)), stream_device, pin)
+                forward.close()
             times["forward_s"] += _now(device) - t0
         del fp_block
         t_end = _now(device)
@@ -348,7 +394,7 @@ def quantize_blocks(
             torch.cuda.empty_cache()
         if block_times is not None:
             times["release_s"] = _now(device) - t_end  # checkpoint (--resume), back home, cache emptied
-            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}})
+            block_times.append({"block": i, **{k: round(v, 4) for k, v in times.items()}, "groups": group_times})
             if alloc_start is not None:  # what the block found allocated; the running peak since the caller's reset
                 block_times[-1]["gpu_alloc_start_gib"] = round(alloc_start / 2**30, 3)
                 block_times[-1]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

@@ -457,7 +457,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
                         rotation: Rotation | None = None, offload_inputs: bool = False, tokenizer=None,
                         spec: dict | None = None, block_times: list[dict] | None = None,
                         setup_times: dict | None = None, export_dir: str | None = None,
-                        export_format: str = "gptq", export_dtype: str = "float16") -> list[dict]:
+                        export_format: str = "gptq", export_dtype: str = "float16",
+                        cuda_graphs: bool = False) -> list[dict]:
     """fake_quant's pipeline (rotation, KV / activation quantizers, layer-by-layer weight solve) on the safetensors
     checkpoint in `model_dir`, one decoder layer in host memory at a time; the quantized model is written to
     `out_dir` (sharded safetensors + config + tokenizer + gptaq_quant.json holding `spec`, + the linears' grids).
@@ -544,7 +545,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, *, dtype: str | torch.dtyp
         records = quantize_blocks(stream, inputs.inputs, inputs.run_layer, llm.sublayer_groups, wcfg,
                                   prepare_block=llm.make_prepare_layer(act), device=device,
                                   offload_inputs=offload_inputs, desc="layer", block_times=block_times,
-                                  stages=inputs.stages, on_quantized=collector)
+                                  stages=inputs.stages, on_quantized=collector, cuda_graphs=cuda_graphs)
         del inputs
         if block_times is not None:
             io = {t["block"]: t for t in stream.times}

@@ -16,7 +16,7 @@ from torch import nn
 from common.quant import act_triton
 from common.quant.grid import check_bits, fake_quantize, grid_params
 
-__all__ = ["ActQuantSettings", "ActQuantizer", "ActQuantLinear", "wrap_linears", "set_act_quant"]
+__all__ = ["ActQuantSettings", "ActQuantizer", "ActQuantLinear", "wrap_linears", "set_act_quant", "forget_shared"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ def _quantize_shared(quantizer: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
         last.output = quantizer(x)
         last.input, last.key = weakref.ref(x), key
     return last.output
+
+
+def forget_shared() -> None:
+    """Drop `_quantize_shared`'s memo (e.g. after a CUDA graph capture, whose buffers it would otherwise hold)."""
+    _LastQuantized.input, _LastQuantized.key, _LastQuantized.output = None, None, None
 
 
 def wrap_linears(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict[str, ActQuantLinear]:

@@ -75,7 +75,8 @@ def quantize(model, args, wcfg, act, kv, cal_samples, device: torch.device, rota
     --export (a plain model)."""
     return api.quantize_model(model, cal_samples, wcfg, act, kv, rotation, device=device, bsz=args.bsz,
                               offload_inputs=args.offload_inputs, export_format=_export_format(args),
-                              on_quantized=on_quantized, resume=resume, moe_min_tokens=args.moe_min_tokens)
+                              on_quantized=on_quantized, resume=resume, moe_min_tokens=args.moe_min_tokens,
+                              cuda_graphs=args.cuda_graphs)
 
 
 def _extra_spec(args) -> dict:
@@ -92,7 +93,7 @@ def quantize_streamed(args, wcfg, act, kv, cal_samples, device: torch.device, to
         args.model, path, cal_samples, wcfg, act, kv, rotation, dtype=args.dtype, device=device, bsz=args.bsz,
         offload_inputs=args.offload_inputs, tokenizer=tokenizer, extra_spec=_extra_spec(args),
         block_times=block_times, setup_times=setup_times, export_dir=args.export, export_format=args.export_format,
-        export_dtype=args.export_dtype)
+        export_dtype=args.export_dtype, cuda_graphs=args.cuda_graphs)
 
 
 def evaluate(model, tokenizer, args, eval_windows, device: torch.device, timer: PhaseTimer,
@@ -283,7 +284,7 @@ def _run(args, rotation: Rotation | None, extra: dict | None, outputs: ExitStack
                 layers = lm.quantize(cal, wcfg, act, kv, rotation, device=device, bsz=args.bsz,
                                      offload_inputs=args.offload_inputs, export_format=_export_format(args),
                                      keep_grids=bool(args.save_qmodel_path), resume=resume,
-                                     extra_spec=_extra_spec(args))
+                                     extra_spec=_extra_spec(args), cuda_graphs=args.cuda_graphs)
         del cal
         if not distributed.is_main():  # rank 0 saves, evaluates and writes the results
             return {"rank": distributed.rank(), "layers": layers}

@@ -66,7 +66,8 @@ def quantize(model: nn.Module, args, transform, device: torch.device) -> list[di
             x, rope = vit.embed(model, images.to(device))
             inputs.append(x)
     layers = quantize_blocks(list(model.blocks), inputs, vit.make_run_block(model, rope), vit.sublayer_groups, cfg,
-                             prepare_block=prepare_block, device=device, desc="blocks")
+                             prepare_block=prepare_block, device=device, desc="blocks",
+                             cuda_graphs=args.cuda_graphs)
     set_act_quant(model, True)
     return layers
 
