@@ -336,32 +336,27 @@ def _range_kernels(prof, top: int = 12) -> dict[str, dict]:
             acc = out.setdefault(e.name, {})
             kernels(e, acc)
     return {name: {"kernel_s": round(sum(ms for _, ms in acc.values()) / 1e3, 4),
-                   "top": {k[:80]: [c, round(ms, 2)] for k, (c, ms) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:top]}}
+                   "top": {k[:80]: [c, round(ms, 2)]
+                           for k, (c, ms) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:top]}}
             for name, acc in out.items()}
 
 
 def _sync_sources(fn) -> dict[str, int]:
-    """fn() with torch.cuda's sync debug mode warning: the implicit synchronisations it makes, by source line."""
+    """fn() under torch.cuda's sync debug mode: the implicit synchronisations it makes, by source line."""
     import collections
-    import warnings
 
-    counts: collections.Counter = collections.Counter()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "called a synchronizing" in str(w.message):
-            counts[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    from common.pipeline.graphs import host_syncs
+
+    with host_syncs() as found:
+        fn()
+    counts = collections.Counter(os.path.relpath(f) for f in found)
     return dict(counts.most_common())
 
 
 def overhead(layer, inputs, wcfg, inputs2=None) -> dict:
     """Per method, with and without CUDA graphs, quantize_blocks on the layer: phase wall times and peak memory
-    (block_times, no profiler, peak reset before), kernel time per phase (profiled run), implicit syncs; then one layer forward's issue vs synchronized time, batch size 1 (and 2)."""
+    (block_times, no profiler, peak reset before), kernel time per phase (profiled run), implicit syncs; then one
+    layer forward's issue vs synchronized time, batch size 1 (and 2)."""
     from dataclasses import replace
 
     from torch.profiler import ProfilerActivity, profile

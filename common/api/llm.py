@@ -245,7 +245,8 @@ class CausalLM:
         exportable (weight-only, rotation without online R4) and check every linear against that format as it is
         solved; keep_grids: keep each linear's grid for `save` / `export` (bits/8 bytes per weight).
         resume: a common.pipeline.resume.ResumeState.  cuda_graphs: each layer's per-batch passes replayed from
-        CUDA graphs (`common.pipeline.driver.quantize_blocks`; same results).  Returns the per-linear records (also in `layers`)."""
+        CUDA graphs (`common.pipeline.driver.quantize_blocks`; same results).  Returns the per-linear records
+        (also in `layers`)."""
         from common.io.export import GPTQCollector
         from common.pipeline.streaming import keeps_grids
 

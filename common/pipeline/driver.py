@@ -224,7 +224,8 @@ def _linear_inputs_pass(block, names, run_block, entry, stop: bool) -> Callable[
 
 def _capture(block, fp_block, group, xq, xfp, run_stage, device, asymmetric, needs_data, advance_fp, fp_inputs,
              entry, graphs) -> dict[str, HessianAccumulator]:
-    """The group's statistics: none without calibration data (RTN), routed experts' per expert, else `_capture_group`."""
+    """The group's statistics: none without calibration data (RTN), routed experts' per expert, else
+    `_capture_group`."""
     if not needs_data:
         return {}
     if routed.is_expert_group(block, group):
@@ -266,8 +267,9 @@ def quantize_blocks(
     appended per quantized block: wall seconds spent capturing H / dXXT, solving (incl. proxy losses), advancing the
     streams, before the first capture (to the device, quantizers, GPTAQ's FP copy) and after the last forward
     (checkpoint, back home, CUDA cache emptied), and per group {"group" (its first linear), "capture_s", "solve_s"
-    [, "gpu_peak_capture_gib", "gpu_peak_solve_gib" (the running peak after each)]}; CUDA synchronized.  The same phases are torch.profiler ranges "capture:<first linear>", "solve:<first linear>",
-    "forward:stage<s>".  On CUDA also "gpu_alloc_start_gib" (allocated when the block
+    [, "gpu_peak_capture_gib", "gpu_peak_solve_gib" (the running peak after each)]}; CUDA synchronized.  The same
+    phases are torch.profiler ranges "capture:<first linear>", "solve:<first linear>", "forward:stage<s>".
+    On CUDA also "gpu_alloc_start_gib" (allocated when the block
     began) and "gpu_peak_gib" (torch.cuda.max_memory_allocated after it: the running peak since the caller's reset).
     stages(block): optional `BlockStages` of the block (None: none): each group is then captured from its stage's
     input and the streams advance stage by stage (less forward work, same results; see BlockStages).
@@ -372,7 +374,7 @@ def quantize_blocks(
             t0 = _now(device)
             # the quantized stream through this stage (the FP stream advanced during capture)
             with torch.no_grad(), torch.profiler.record_function(f"forward:stage{si}"):
-                forward = BatchPass(lambda x, si=si: {_OUTPUT: _output(plan.run(block, si, x))}, device,
+                forward = BatchPass(lambda x, run_stage=run_stage: {_OUTPUT: _output(run_stage(block, x))}, device,
                                     cuda_graphs, label=f"{desc} {i} stage {si} forward")
                 def advanced(x, forward=forward):  # a graph's buffer is copied when kept on its device
                     out = forward(x)[_OUTPUT]

@@ -21,7 +21,7 @@ import torch
 
 from common.quant import act_quant
 
-__all__ = ["BatchPass"]
+__all__ = ["BatchPass", "host_syncs"]
 
 log = logging.getLogger(__name__)
 Outputs = dict[str, torch.Tensor]
@@ -45,15 +45,15 @@ def _capture_stream(device: torch.device, warm_up: Callable[[], object]) -> torc
 
 
 @contextlib.contextmanager
-def _host_syncs() -> Iterator[list[str]]:
-    """The implicit host-device synchronisations this thread makes inside the block ('file:line: message' of
-    each), from torch.cuda's sync debug mode."""
+def host_syncs() -> Iterator[list[str]]:
+    """The implicit host-device synchronisations this thread makes inside the block ('file:line' of each, in
+    order), from torch.cuda's sync debug mode."""
     found: list[str] = []
     me = threading.get_ident()
 
     def record(message, category, filename, lineno, file=None, line=None):
         if threading.get_ident() == me and "called a synchronizing" in str(message):
-            found.append(f"{filename}:{lineno}: {str(message).splitlines()[0][:120]}")
+            found.append(f"{filename}:{lineno}")
 
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings():
@@ -99,7 +99,7 @@ class BatchPass:
         if not self._first:
             return self.fn(x)
         self._first = False  # this eager run warms up every kernel (compiles, autotuning, cuBLAS handles)
-        with _host_syncs() as syncs:
+        with host_syncs() as syncs:
             out = self.fn(x)
         if syncs:  # a capture would fail, and a failed capture leaves torch's CUDA state unusable
             log.info("%s: synchronises with the host (%s); running it eagerly", self.label, syncs[0])
