@@ -20,6 +20,8 @@ Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
              issue time against its synchronized time, at batch size 1 and 2
   kernels    torch.profiler over one layer forward (activation quantizers on) and over quantize_blocks on the layer
              (GPTQ and GPTAQ, 16 batches): device time by kernel against wall time (what the GPU waits for)
+  fused_norm the fused RMSNorm (common.models.rms_norm) against Hugging Face's on that layer: time per call, equal
+             output entries, and per method the fraction of quantized weights equal to a run with Hugging Face's norms
   solve      each linear's quantize_linear (GPTQ, GPTAQ) and its MSE grid fit alone: PyTorch loop and fused kernel
              (common.quant.mse_triton), and how many grids the two choose differently
 
@@ -53,7 +55,7 @@ SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CP
 
 
 SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "overhead", "kernels", "agreement",
-            "solve"]
+            "fused_norm", "solve"]
 
 
 def _sync() -> None:
@@ -540,6 +542,40 @@ def agreement(layer, inputs, wcfg, _inputs2=None) -> dict:
     return out
 
 
+def fused_norm(layer, inputs, wcfg, _inputs2=None) -> dict:
+    """The layer's fused RMSNorms against Hugging Face's (the same weights): one call on a batch, and quantize_blocks
+    per method on copies of the layer that differ only in their norms (equal quantized weight entries)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from common.pipeline.driver import quantize_blocks
+
+    def with_hf_norms(blk):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            fused = getattr(blk, name)
+            hf = LlamaRMSNorm(fused.weight.shape[0], eps=fused.variance_epsilon)
+            hf.weight = fused.weight
+            setattr(blk, name, hf)
+        return blk
+
+    x = inputs.inputs[0].to(DEV)
+    fused, hf = layer.input_layernorm, with_hf_norms(copy.deepcopy(layer)).input_layernorm
+    out: dict = {"norm_class": type(fused).__name__}
+    with torch.no_grad():
+        out["norm_ms"] = {"fused": 1e3 * timed(lambda: fused(x), 20), "hugging_face": 1e3 * timed(lambda: hf(x), 20)}
+        out["norm_output_equal"] = float((fused(x) == hf(x)).float().mean())
+    for method in ("gptq", "gptaq"):
+        weights = {}
+        for kind, blk in (("fused", copy.deepcopy(layer)), ("hugging_face", with_hf_norms(copy.deepcopy(layer)))):
+            quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
+                            dataclasses.replace(wcfg, method=method), device=DEV, desc=f"norm {kind}",
+                            stages=inputs.stages)
+            weights[kind] = {n: p.detach().clone() for n, p in blk.named_parameters() if p.dim() == 2}
+        total = sum(w.numel() for w in weights["fused"].values())
+        same = sum(int((w == weights["hugging_face"][n]).sum()) for n, w in weights["fused"].items())
+        out[f"{method}_weights_equal"] = same / total
+    return out
+
+
 def solve(layer, inputs, wcfg, _inputs2=None) -> dict:
     from common import solver
     from common.quant.weight_grid import fit_grid
@@ -591,11 +627,11 @@ def main() -> None:
             t0 = time.perf_counter()
             res[name] = fn()
             print(name, f"{time.perf_counter() - t0:.1f}s", json.dumps(res[name], indent=1), flush=True)
-    if {"layer", "capture", "overhead", "kernels", "agreement", "solve"} & set(a.sections):
+    if {"layer", "capture", "overhead", "kernels", "agreement", "fused_norm", "solve"} & set(a.sections):
         res["layer"], state = layer_pieces(a.tmp)
         print("layer", json.dumps(res["layer"], indent=1), flush=True)
         for name, fn in (("capture", capture), ("overhead", overhead), ("kernels", kernels), ("agreement", agreement),
-                         ("solve", solve)):
+                         ("fused_norm", fused_norm), ("solve", solve)):
             if name in a.sections:
                 res[name] = fn(*state)
                 print(name, json.dumps(res[name], indent=1), flush=True)

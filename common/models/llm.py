@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.models import moe
-from common.models import checkpoint, hub
+from common.models import checkpoint, hub, rms_norm
 from common.models.files import FileError, ordinary_permissions, read_json
 from common.models.hadamard import OnlineHadamard
 from common.models.stages import BlockStages
@@ -349,13 +349,15 @@ def flatten_grids(grids: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.
 
 
 def install_layer_quantizers(layer: nn.Module, act: ActQuantSettings, kv) -> None:
-    """install_quantizers for one decoder layer (what the streaming pipeline does as each layer is loaded)."""
+    """install_quantizers for one decoder layer (what the streaming pipeline does as each layer is loaded); its
+    Llama-formula RMSNorms become one kernel each on CUDA (`common.models.rms_norm`)."""
     from common.quant.act_quant import set_act_quant
     from common.models.kv_quant import add_kv_quantization
 
     add_kv_quantization(layer, kv)
     make_prepare_layer(act)(layer)
     set_act_quant(layer, True)
+    rms_norm.use_fused_rms_norms(layer)
 
 
 def install_quantizers(model: nn.Module, act: ActQuantSettings, kv) -> None:
