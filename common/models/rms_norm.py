@@ -63,14 +63,6 @@ if triton is not None:
         tl.store(Y + row * N + cols, (g * h.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's LlamaRMSNorm.forward, statement for statement."""
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(x.dtype)
-
-
 def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     rows = x.reshape(-1, n).contiguous()
@@ -81,18 +73,20 @@ def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
 
 
 class FusedRMSNorm(nn.Module):
-    """A Llama-family RMSNorm (same `weight` Parameter and `variance_epsilon`) computed by one kernel on CUDA."""
+    """A Llama-family RMSNorm (same `weight` Parameter and `variance_epsilon`) computed by one kernel on CUDA; where
+    the kernel does not apply, the replaced class's own forward (the formula, in PyTorch)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.weight = norm.weight
         self.variance_epsilon = float(norm.variance_epsilon)
+        self._torch_forward = type(norm).forward  # reads only self.weight and self.variance_epsilon (_FORMULA)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         needs_graph = torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad)
         if not needs_graph and available(hidden_states, self.weight):
             return _rms_norm_triton(hidden_states, self.weight, self.variance_epsilon)
-        return _rms_norm_torch(hidden_states, self.weight, self.variance_epsilon)
+        return self._torch_forward(self, hidden_states)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
