@@ -8,6 +8,8 @@ Sections (each a median of timed repeats after a warm-up, CUDA synchronized):
              each with its error against float64
   act_quant  the per-token quantizer of [2048, 4096] and [2048, 11008] float16 / bfloat16 inputs: PyTorch code
              against the fused Triton kernel (common.quant.act_triton), and whether they agree bit for bit
+  act_quant_configs  that quantizer (float16, 4 bits) under other launch configurations and as a two-loop kernel
+             over column chunks, against a copy of its input (the bandwidth floor)
   gil        whether a background layer read / shard write slows the main thread's kernel launches
   layer      one layer's pieces of the streamed pipeline: read from safetensors, to the GPU, rotate, quantizers,
              deep copy, write back; forwards per batch (whole layer, up to each group's inputs)
@@ -39,6 +41,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,14 +50,16 @@ from common.cli.llm import parse_args, settings  # noqa: E402
 from common.models import llm  # noqa: E402
 from common.pipeline import driver, streaming  # noqa: E402
 from common.pipeline.hessian import HessianAccumulator  # noqa: E402
+from common.quant import act_triton  # noqa: E402
 from common.quant.act_quant import ActQuantizer, set_act_quant  # noqa: E402
 from common.solver import tf32  # noqa: E402
 
 DEV = torch.device("cuda")
 SIZES, TOKENS, SHAPE, NBATCH = (4096, 11008), 2048, LLAMA2_7B, 16  # --smoke: CPU, tiny
+GRAPHS_TOO, TOP = True, 12  # overhead: also with CUDA graphs; kernels listed per range (--eager_only, --top)
 
 
-SECTIONS = ["ceilings", "accumulate", "act_quant", "gil", "layer", "capture", "overhead", "kernels", "agreement",
+SECTIONS = ["ceilings", "accumulate", "act_quant", "act_quant_configs", "gil", "layer", "capture", "overhead", "kernels", "agreement",
             "fused_norm", "solve"]
 
 
@@ -204,6 +209,41 @@ def act_quant() -> dict:
     return out
 
 
+def act_quant_configs() -> dict:
+    """The fused per-token quantizer (4 bits, asymmetric, clip 0.9) on [2048, n] float16 under other launch
+    configurations (`common.quant.act_triton.launch`: whole rows per program, or one row in chunks, and warps),
+    against a copy of the same tensor (the bandwidth floor: read once, write once); triton's do_bench medians in
+    microseconds, whether each output equals the library's bit for bit, and the fastest equal configuration
+    ("best", the form of act_triton.LAUNCH)."""
+    import triton
+    from triton.testing import do_bench
+
+    out = {}
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for n in SIZES:
+        x = (torch.randn(TOKENS, n, device=DEV, generator=g) * torch.rand(n, device=DEV, generator=g) * 3).half()
+        ref = act_triton.fake_quantize_rows(x, n, 4, False, 0.9)
+        r = {"copy_us": 1e3 * do_bench(lambda: x.clone(), return_mode="median"),
+             "library_us": 1e3 * do_bench(lambda: act_triton.fake_quantize_rows(x, n, 4, False, 0.9),
+                                         return_mode="median"),
+             "library": list(act_triton.LAUNCH.get(n) or act_triton.default_launch(n))}
+        configs = [("rows", rows, w) for rows in (1, 2, 4) for w in (4, 8, 16)
+                   if rows * triton.next_power_of_2(n) <= 32768]
+        configs += [("chunks", c, w) for c in (1024, 2048, 4096) for w in (4, 8)]
+        y = torch.empty_like(x)
+        best = None
+        for cfg in configs:
+            act_triton.launch(x, y, n, 4, False, 0.9, cfg)
+            us = 1e3 * do_bench(lambda cfg=cfg: act_triton.launch(x, y, n, 4, False, 0.9, cfg), return_mode="median")
+            equal = bool(torch.equal(y, ref))
+            r["_".join(map(str, cfg))] = [round(us, 2), equal]
+            if equal and (best is None or us < best[1]):
+                best = (cfg, us)
+        r["best"], r["best_us"] = list(best[0]), best[1]
+        out[str(n)] = r
+    return out
+
+
 def layer_pieces(tmp: str) -> tuple[dict, object]:
     """One streamed layer's pieces, as common.pipeline.streaming.quantize_checkpoint runs them."""
     from common.models.rotation import Rotation, check_rotations, rotate_layer
@@ -320,9 +360,23 @@ def _profiled(fn) -> dict:
             "top": [{"op": e.key[:90], "calls": e.count, "self_ms": getattr(e, key, 0.0) / 1e3} for e in ev[:25]]}
 
 
+def _kernel_kind(name: str) -> str:
+    """A kernel's kind for the per-range summary: matmul, attention, triton (our fused kernels), copy or elementwise."""
+    if name.startswith(("nvjet", "sm80_xmma", "sm90_xmma", "cutlass", "void cutlass", "ampere", "sm90_gemm")) or \
+            "gemm" in name.lower():
+        return "matmul"
+    if "sdpa" in name or "flash" in name or "attention" in name:
+        return "attention"
+    if name.startswith("_") or "triton" in name:
+        return "triton"
+    if "copy" in name.lower() or "Cat" in name or name.startswith("Memcpy") or name.startswith("Memset"):
+        return "copy"
+    return "elementwise"
+
+
 def _range_kernels(prof, top: int = 12) -> dict[str, dict]:
-    """Per driver range (host-side events, summed over occurrences): kernel seconds launched inside it and its
-    largest kernels {name: [calls, ms]}."""
+    """Per driver range (host-side events, summed over occurrences): kernel seconds launched inside it, by kind
+    (`_kernel_kind`: seconds and launches) and its largest kernels {name: [calls, ms]}."""
     from torch.autograd import DeviceType
 
     def kernels(e, acc):
@@ -337,7 +391,15 @@ def _range_kernels(prof, top: int = 12) -> dict[str, dict]:
         if e.device_type == DeviceType.CPU and e.name.split(":")[0] in ("capture", "solve", "forward"):
             acc = out.setdefault(e.name, {})
             kernels(e, acc)
-    return {name: {"kernel_s": round(sum(ms for _, ms in acc.values()) / 1e3, 4),
+    def kinds(acc):
+        out: dict[str, list] = {}
+        for k, (c, ms) in acc.items():
+            kind = out.setdefault(_kernel_kind(k), [0, 0.0])
+            kind[0] += c
+            kind[1] += ms / 1e3
+        return {k: [c, round(s, 4)] for k, (c, s) in sorted(out.items())}
+
+    return {name: {"kernel_s": round(sum(ms for _, ms in acc.values()) / 1e3, 4), "by_kind": kinds(acc),
                    "top": {k[:80]: [c, round(ms, 2)]
                            for k, (c, ms) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:top]}}
             for name, acc in out.items()}
@@ -367,7 +429,7 @@ def overhead(layer, inputs, wcfg, inputs2=None) -> dict:
 
     out: dict = {}
     for method in ("gptq", "gptaq"):
-        for graphs in (False, True):
+        for graphs in (False, True) if GRAPHS_TOO else (False,):
             def run(times=None):
                 blk = copy.deepcopy(layer)
                 quantize_blocks([blk], list(inputs.inputs), inputs.run_layer, llm.sublayer_groups,
@@ -382,7 +444,7 @@ def overhead(layer, inputs, wcfg, inputs2=None) -> dict:
             if DEV.type == "cuda":
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     run()
-                r["kernels"] = _range_kernels(prof)
+                r["kernels"] = _range_kernels(prof, TOP)
                 r["syncs"] = _sync_sources(run)
             out[f"{method}_{'graphs' if graphs else 'eager'}"] = r
     fwd = {}
@@ -612,9 +674,11 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks that the script runs)")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     p.add_argument("--nbatch", type=int, default=16, help="calibration batches of the layer sections")
+    p.add_argument("--eager_only", action="store_true", help="overhead: skip the CUDA-graph runs")
+    p.add_argument("--top", type=int, default=12, help="overhead: kernels listed per driver range")
     a = p.parse_args()
-    global DEV, SIZES, TOKENS, SHAPE, NBATCH
-    NBATCH = a.nbatch
+    global DEV, SIZES, TOKENS, SHAPE, NBATCH, GRAPHS_TOO, TOP
+    NBATCH, GRAPHS_TOO, TOP = a.nbatch, not a.eager_only, a.top
     if a.smoke:
         DEV, SIZES, TOKENS, SHAPE = torch.device("cpu"), (64, 96), 64, SMOKE
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -622,6 +686,7 @@ def main() -> None:
     shutil.rmtree(a.tmp, ignore_errors=True)
     os.makedirs(a.tmp)
     for name, fn in (("ceilings", ceilings), ("accumulate", accumulate), ("act_quant", act_quant),
+                     ("act_quant_configs", act_quant_configs),
                      ("gil", lambda: gil(a.tmp))):
         if name in a.sections:
             t0 = time.perf_counter()

@@ -37,6 +37,38 @@ def test_fused_quantizer_matches_pytorch_bit_for_bit_in_interpreter():
     run_in_triton_interpreter(FUSED_VS_TORCH)
 
 
+LAUNCH_CONFIGS = r"""
+import torch
+from common.quant import act_triton
+from common.quant.act_quant import ActQuantizer
+
+g = torch.Generator().manual_seed(1)
+x = (torch.randn(7, 200, generator=g) * torch.rand(200, generator=g) * 4).half()  # 200: not a power of two
+x[3] = x[3].abs()
+for kw in (dict(bits=4, clip_ratio=0.9), dict(bits=4, sym=True)):
+    q = ActQuantizer(**kw)
+    q.fused = False
+    ref = q(x)
+    for cfg in (("rows", 1, 4), ("rows", 4, 2), ("chunks", 64, 2), ("chunks", 128, 4), ("chunks", 256, 1)):
+        y = torch.empty_like(x)
+        act_triton.launch(x, y, 200, kw["bits"], kw.get("sym", False), kw.get("clip_ratio", 1.0), cfg)
+        assert torch.equal(y, ref), (cfg, kw, int((y != ref).sum()))
+    act_triton.LAUNCH[200] = ("chunks", 64, 2)  # the table picks the kernel; the output stays the same
+    try:
+        assert torch.equal(act_triton.fake_quantize_rows(x, 200, kw["bits"], kw.get("sym", False),
+                                                         kw.get("clip_ratio", 1.0)), ref)
+    finally:
+        del act_triton.LAUNCH[200]
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
+def test_every_launch_configuration_gives_the_same_bits_in_interpreter():
+    """Whole rows per program or one row in chunks (read twice), any rows / chunk / warps: the PyTorch values."""
+    run_in_triton_interpreter(LAUNCH_CONFIGS)
+
+
 def test_linears_reading_one_tensor_share_its_quantized_copy():
     a, b = (ActQuantLinear(torch.nn.Linear(8, 4), ActQuantizer(bits=4)) for _ in range(2))
     c = ActQuantLinear(torch.nn.Linear(8, 4), ActQuantizer(bits=8))

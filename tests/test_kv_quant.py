@@ -176,3 +176,14 @@ def test_groupsize_must_divide_head_dim(model_dirs):
     with pytest.raises(ValueError, match="k_groupsize"):
         add_kv_quantization(model, KVQuantConfig(k_bits=4, k_groupsize=5))
     assert not kv_quantizers(model)
+
+
+@pytest.mark.parametrize("extra, r3", [([], False), (["--k_bits", "4"], True), (["--v_bits", "4"], False),
+                                       (["--k_bits", "4", "--export", "out"], False)])
+def test_cli_installs_r3_only_with_quantized_keys(extra, r3):
+    """--rotate adds R3 only when keys are quantized, as the published QuaRot / GPTAQ code does (without a key
+    quantizer it leaves q k^T unchanged); --export never (a plain model)."""
+    from common.cli.llm import build_parser, settings
+
+    args = build_parser().parse_args(["--model", "m", "--rotate", "--w_bits", "4", *extra])
+    assert settings(args)[2].rotate_qk is r3

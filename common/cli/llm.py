@@ -60,7 +60,7 @@ def build_parser(prog: str = "fake_quant/main.py") -> argparse.ArgumentParser:
                         "on the same grid, logged, 'fallback' in results.json) instead of solved from them")
 
     g = p.add_argument_group("rotation")
-    g.add_argument("--rotate", action="store_true", help="QuaRot: fuse norms, fold R1/R2, online R3/R4 Hadamards")
+    g.add_argument("--rotate", action="store_true", help="QuaRot: fuse norms, fold R1/R2, online R4 Hadamard (and R3 with --k_bits < 16)")
     g.add_argument("--rotate_mode", choices=["hadamard", "random"], default="hadamard",
                    help="R1/R2: random Hadamard or random orthogonal")
     g.add_argument("--rotation_seed", type=int, default=0, help="seed of R1/R2")
@@ -126,9 +126,12 @@ def method_name(args: argparse.Namespace) -> str:
 
 def settings(args: argparse.Namespace) -> tuple[SolverConfig, ActQuantSettings, KVQuantConfig]:
     """The configuration objects of the command line.  --export: scales rounded to --export_dtype as the checkpoint
-    stores them (bit-exact) and no online R3 (a plain model)."""
+    stores them (bit-exact) and no online R3 (a plain model).  R3 (the Hadamard on queries and keys after RoPE) is
+    installed with --rotate only when keys are quantized (--k_bits < 16), as in the published QuaRot / GPTAQ code:
+    without a key quantizer it leaves q k^T unchanged."""
     wcfg = flags.solver_config(args, scale_dtype=args.export_dtype if args.export else None)
-    kv = flags.kv_config(args, rotate_qk=args.rotate and not args.export, fp32_had=args.fp32_had)
+    kv = flags.kv_config(args, rotate_qk=args.rotate and args.k_bits < 16 and not args.export,
+                         fp32_had=args.fp32_had)
     return wcfg, flags.act_settings(args), kv
 
 

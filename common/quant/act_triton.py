@@ -7,7 +7,8 @@ Division is IEEE (div_rn), rounding half to even, min / max are exact in any ord
 into an FMA; a division by the Python numbers maxq (asymmetric) or 2^(b-1) - 1 (symmetric) is, as PyTorch's CUDA
 kernels do it, a product with the float32 reciprocal (RECIP; PyTorch on CPU divides), so the output equals the
 PyTorch quantizer's on the same device bit for bit (tests/test_act_quant_fused.py checks it under
-TRITON_INTERPRET=1; bench/profile_e2e.py on the GPU).  The row is read once and written once.
+TRITON_INTERPRET=1; bench/profile_e2e.py on the GPU).  The row is read once and written once, or read twice in
+chunks for the widths that `LAUNCH` says run faster so (one kernel or the other, the same output).
 `grid_params` (the grid of a range, in that arithmetic) is shared with the weight grid's MSE search
 (common.quant.mse_triton).
 """
@@ -24,7 +25,7 @@ try:
 except ImportError:  # CPU-only installs: ActQuantizer keeps its PyTorch code
     triton = None
 
-__all__ = ["available", "fake_quantize_rows"]
+__all__ = ["available", "fake_quantize_rows", "LAUNCH", "default_launch", "launch"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_COLUMNS = 16384  # one row in registers
@@ -92,19 +93,64 @@ if triton is not None:
         y = scale[:, None] * (q - zero[:, None])
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _fake_quant_chunks(X, Y, cols, clip, maxq, half, inv_div, SYM: tl.constexpr, RECIP: tl.constexpr,
+                           CHUNK: tl.constexpr):
+        """One row per program, read in chunks of CHUNK entries twice: min / max over the row, then quantize (the
+        second read mostly from L2); the same arithmetic as _fake_quant_rows."""
+        row = tl.program_id(0).to(tl.int64) * cols
+        lo = tl.full([CHUNK], float("inf"), tl.float32)
+        hi = tl.full([CHUNK], -float("inf"), tl.float32)
+        for c0 in range(0, cols, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            x = tl.load(X + row + c, mask=c < cols, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.where(c < cols, x, float("inf")))
+            hi = tl.maximum(hi, tl.where(c < cols, x, -float("inf")))
+        xmin = tl.minimum(tl.min(lo, axis=0), 0.0) * clip
+        xmax = tl.maximum(tl.max(hi, axis=0), 0.0) * clip
+        scale, zero = grid_params(xmin, xmax, maxq, half, inv_div, SYM, False, RECIP)
+        for c0 in range(0, cols, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            x = tl.load(X + row + c, mask=c < cols, other=0.0).to(tl.float32)
+            t = tl.math.div_rn(x, scale)
+            t = (t + 12582912.0) - 12582912.0
+            q = tl.minimum(tl.maximum(t + zero, 0.0), maxq)
+            tl.store(Y + row + c, (scale * (q - zero)).to(Y.dtype.element_ty), mask=c < cols)
+
+
+# Launch configuration by row width (`columns`): ("rows", R, warps) holds R whole rows per program in registers
+# (_fake_quant_rows), ("chunks", C, warps) one row per program in chunks of C (_fake_quant_chunks).  Widths not
+# listed take `default_launch`.  Both give the same output bit for bit.
+LAUNCH: dict[int, tuple[str, int, int]] = {}
+
+
+def default_launch(columns: int) -> tuple[str, int, int]:
+    block_c = triton.next_power_of_2(columns)
+    return "rows", max(1, min(64, 2048 // block_c)), 8 if block_c >= 4096 else 4
+
+
+def launch(x: torch.Tensor, y: torch.Tensor, columns: int, bits: int, sym: bool, clip_ratio: float,
+           config: tuple[str, int, int]) -> None:
+    """Run the kernel of `config` (see LAUNCH) on x (contiguous, rows of `columns`) into y."""
+    kind, size, warps = config
+    rows = x.numel() // columns
+    divisor = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
+    inv_div = float(np.float32(1.0) / np.float32(divisor))  # PyTorch CUDA: x / scalar = x * (1 / scalar), float32
+    args = (float(clip_ratio), float(2**bits - 1), float(2 ** (bits - 1)), inv_div)
+    if kind == "chunks":
+        _fake_quant_chunks[(rows,)](x, y, columns, *args, SYM=sym, RECIP=x.is_cuda, CHUNK=size, num_warps=warps)
+    elif kind == "rows":
+        _fake_quant_rows[(triton.cdiv(rows, size),)](x, y, rows, columns, *args, SYM=sym, RECIP=x.is_cuda,
+                                                     BLOCK_R=size, BLOCK_C=triton.next_power_of_2(columns),
+                                                     num_warps=warps)
+    else:
+        raise ValueError(f"unknown launch kind {kind!r}")
+
 
 def fake_quantize_rows(x: torch.Tensor, columns: int, bits: int, sym: bool, clip_ratio: float) -> torch.Tensor:
     """x (any shape, numel a multiple of `columns`) fake-quantized per row of `columns` consecutive entries;
     same dtype and shape as x.  Call only where `available(x, columns)`."""
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    rows = xc.numel() // columns
-    block_c = triton.next_power_of_2(columns)
-    block_r = max(1, min(64, 2048 // block_c))
-    warps = 8 if block_c >= 4096 else 4
-    divisor = 2 ** (bits - 1) - 1 if sym else 2**bits - 1
-    inv_div = float(np.float32(1.0) / np.float32(divisor))  # PyTorch CUDA: x / scalar = x * (1 / scalar), float32
-    _fake_quant_rows[(triton.cdiv(rows, block_r),)](
-        xc, y, rows, columns, float(clip_ratio), float(2**bits - 1), float(2 ** (bits - 1)), inv_div, SYM=sym,
-        RECIP=x.is_cuda, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    launch(xc, y, columns, bits, sym, clip_ratio, LAUNCH.get(columns) or default_launch(columns))
     return y.view(x.shape)
