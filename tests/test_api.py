@@ -42,7 +42,7 @@ def test_api_equals_the_command_line(env, tmp_path):
     lm = CausalLM.load(str(env["model"]), dtype="float32")
     cal = lm.calibration(env["cal"], nsamples=4, seqlen=32)
     layers = lm.quantize(cal, SolverConfig(method="gptaq", bits=4, sym=True),
-                         act=ActQuantSettings(bits=8, sym=True, clip_ratio=0.9), kv=KVQuantConfig(rotate_qk=True),
+                         act=ActQuantSettings(bits=8, sym=True, clip_ratio=0.9), kv=KVQuantConfig(),
                          rotation=Rotation.quarot(lm.config), bsz=2)
     assert [r["loss"] for r in layers] == [r["loss"] for r in cli["layers"]]
     ppl = lm.perplexity(env["eval"], seqlen=32, bsz=2, limit=4)
